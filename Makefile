@@ -1,0 +1,39 @@
+# The two commands of the contract: `make train` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DIGITS := data/digits
+CONFIG ?= configs/digits/baseline.yaml
+export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: venv train test data bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision are installed first and pinned: pip takes them from the local wheel cache,
+# while letting a resolver pick torch would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(DIGITS)/train: | $(STAMP)
+	$(BIN)/pipeline data digits --out $(DIGITS)
+
+data: $(DIGITS)/train
+
+train: $(STAMP) $(DIGITS)/train
+	$(BIN)/pipeline train $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) $(DIGITS)/train
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/methods.py
+
+clean:
+	rm -rf $(VENV) data runs checkpoints mlruns mlflow.db
