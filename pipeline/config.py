@@ -87,6 +87,7 @@ class EngineConfig:
     eval_every: int = 1                    # epochs
     log_every: int = 10                    # steps between train-metric logs
     max_steps_per_epoch: int = 0           # >0: truncate epochs (smoke runs)
+    inhibited_threshold: float = 1e-2      # inhibited-channel diagnostic: mean post-ReLU below
 
 
 @dataclass

@@ -36,6 +36,10 @@ class Method:
     """
 
     name = "baseline"
+    # Evaluation metrics (from eval_meters) that also go into the final JSON line of a run.
+    final_keys: tuple[str, ...] = ()
+    # Whether the optimizer state (momentum, …) of entries edited by on_epoch_end is zeroed.
+    reset_optimizer_state: bool = False
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Parameter-group overrides, e.g. ``[{"params": shifts, "weight_decay": 1e-5}]``.
@@ -51,14 +55,16 @@ class Method:
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step."""
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int, seed: int) -> bool:
+    def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int,
+                     seed: int) -> dict[nn.Parameter, torch.Tensor]:
         """Called on every rank after evaluation of ``epoch`` (0-based) of ``epochs``.
 
         Must act identically on every rank (derive randomness from ``seed`` and ``epoch``).
-        Returns True when it changed parameters in place, so that the engine refreshes any
-        optimizer-held master copies of them.
+        Returns the parameters it edited in place, each with a boolean mask (its shape) of the
+        edited entries, so that the engine refreshes optimizer-held master copies and, with
+        ``reset_optimizer_state``, zeroes those entries' optimizer state.
         """
-        return False
+        return {}
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Scalars to log at each evaluation (identical on every rank)."""
