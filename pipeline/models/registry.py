@@ -17,7 +17,7 @@ Builder = Callable[..., nn.Module]
 _BUILDERS: dict[tuple[str, str], Builder] = {}
 
 # Modules that register builders on import; method modules add themselves here.
-_MODEL_MODULES = ["cifar_resnet", "torchvision_models"]
+_MODEL_MODULES = ["cifar_resnet", "cifar_densenet", "torchvision_models"]
 
 
 def register_model(name: str, method: str = "baseline") -> Callable[[Builder], Builder]:

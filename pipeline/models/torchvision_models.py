@@ -8,7 +8,7 @@ from torch import nn
 from .registry import register_model
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101",
-                     "mobilenet_v2", "shufflenet_v2_x1_0")
+                     "mobilenet_v2", "shufflenet_v2_x1_0", "densenet121", "densenet169")
 
 
 def _register(arch: str) -> None:
