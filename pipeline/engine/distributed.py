@@ -1,0 +1,105 @@
+"""Process-group set-up and the few collectives the training loop needs.
+
+The accelerator is chosen once, before DeepSpeed is imported: CUDA + NCCL when a GPU is there,
+DeepSpeed's CPU accelerator + gloo otherwise. A plain ``pipeline train`` (no torchrun) is a
+world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(timeout_minutes: float = 30.0) -> Dist:
+    """Initialise torch.distributed through DeepSpeed and return this process's place."""
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if "RANK" not in os.environ:  # launched without torchrun: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Element-wise sums over ranks of a dict of tensors (one collective for all of them)."""
+    if not tensors:
+        return {}
+    keys = sorted(tensors)
+    flat = torch.cat([tensors[k].detach().double().reshape(-1).to(device) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    out, offset = {}, 0
+    for k in keys:
+        n = tensors[k].numel()
+        out[k] = flat[offset:offset + n].reshape(tensors[k].shape).cpu()
+        offset += n
+    return out
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average every floating-point buffer (BN running statistics, a method's running
+    estimates) over ranks: DeepSpeed keeps them per rank, and they drift apart."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag: is it set on any rank? (so that every rank takes the same branch)"""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
