@@ -25,7 +25,12 @@ class Tracker:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run; ``run_id`` re-attaches to an existing run (a resumed job)."""
+    """One MLflow run; ``run_id`` re-attaches to an existing run (a resumed job).
+
+    A job killed without warning resumes from its last checkpoint and replays the steps after
+    it; their metrics were logged already, so a re-attached run skips every metric step at or
+    below the last one MLflow holds for that key (no step is logged twice).
+    """
 
     def __init__(self, experiment: str, run_name: str, run_id: str | None = None):
         import mlflow
@@ -34,6 +39,12 @@ class MlflowTracker(Tracker):
         mlflow.set_experiment(experiment)
         self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
         self.run_id = self._run.info.run_id
+        self._logged_up_to = self._last_steps() if run_id else {}
+
+    def _last_steps(self) -> dict[str, int]:
+        client = self._mlflow.tracking.MlflowClient()
+        keys = client.get_run(self.run_id).data.metrics
+        return {k: max(m.step for m in client.get_metric_history(self.run_id, k)) for k in keys}
 
     def log_params(self, params: dict[str, Any]) -> None:
         # MLflow limits a value to 6000 characters and a batch to 100 params.
@@ -42,7 +53,9 @@ class MlflowTracker(Tracker):
             self._mlflow.log_params(dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
+        if fresh:
+            self._mlflow.log_metrics(fresh, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path)
