@@ -1,0 +1,112 @@
+"""Data: ImageNet-layout folders → sharded, per-epoch reshuffled batches (DALI or torchvision).
+
+    train, val = build_loaders(cfg.data, rank=r, world_size=w, seed=s, device=d)
+    for step, (images, labels) in enumerate(train.epoch(epoch, start_step), start=start_step): …
+    for images, labels in val: …
+
+``images``: float32 NCHW, normalised; ``labels``: int64 N; both on ``device``.
+``len(train)`` is the number of steps per epoch, the same on every rank. Sample order and
+sharding (``order.py``) are identical for both backends. Problems with the files on disk raise
+``DataError`` (a ValueError) with a one-line message.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.data.layout import DataError, Layout, scan
+from pipeline.data.order import stream_seed, steps_per_epoch, train_indices, val_indices
+from pipeline.data.recipe import recipe_from_config
+
+__all__ = ["DataError", "TrainLoader", "ValLoader", "build_loaders"]
+
+BACKENDS = ("dali", "torchvision")
+
+
+class TrainLoader:
+    """One rank's training batches; ``epoch(e, start_step)`` iterates one epoch of it."""
+
+    def __init__(self, source, layout: Layout, *, batch_size: int, rank: int, world_size: int,
+                 seed: int):
+        self.source, self.batch_size = source, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.classes = layout.classes
+        self.num_classes = len(layout.classes)
+        self.num_samples = len(layout.train)
+        self.skipped = layout.train.skipped
+        self.steps = steps_per_epoch(self.num_samples, batch_size, world_size)
+        if self.steps == 0:
+            raise DataError(f"{self.num_samples} training images in {layout.root} are fewer than "
+                            f"one global batch ({world_size} ranks × data.batch_size={batch_size})")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def indices(self, epoch: int, start_step: int = 0):
+        """Indices into the train file list this rank reads in ``epoch`` from ``start_step``."""
+        return train_indices(self.num_samples, self.batch_size, rank=self.rank,
+                             world_size=self.world_size, seed=self.seed, epoch=epoch,
+                             start_step=start_step)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.indices(epoch, start_step)
+        return self.source.batches(indices, stream_seed(self.seed, epoch, self.rank, start_step))
+
+
+class ValLoader:
+    """One rank's validation shard; over all ranks every image is read exactly once."""
+
+    def __init__(self, source, layout: Layout, *, batch_size: int, rank: int, world_size: int,
+                 seed: int):
+        self.source, self.seed, self.rank = source, seed, rank
+        self.num_samples = len(layout.val)
+        self.skipped = layout.val.skipped
+        self.shard = val_indices(self.num_samples, rank=rank, world_size=world_size)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.shard) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.batches(self.shard, stream_seed(self.seed, self.rank))
+
+
+def _source(backend: str, split, recipe, *, train: bool, batch_size: int, workers: int,
+            device: torch.device):
+    if backend == "dali":
+        from pipeline.data.dali_backend import DaliSource
+        return DaliSource(split.files, split.labels, recipe, train=train, batch_size=batch_size,
+                          threads=workers, device=device)
+    from pipeline.data.torch_backend import TorchSource
+    return TorchSource(split.files, split.labels, recipe, train=train, batch_size=batch_size,
+                       workers=workers, device=device)
+
+
+def build_loaders(cfg_data, *, rank: int, world_size: int, seed: int,
+                  device: torch.device | str = "cpu") -> tuple[TrainLoader, ValLoader]:
+    """Scan ``cfg_data.root`` and return this rank's (train, val) loaders.
+
+    ``cfg_data`` is the ``data`` section of the config (DataConfig fields). A CUDA ``device``
+    selects the GPU path (DALI ``mixed`` decoding on that device; pinned torchvision batches).
+    """
+    if cfg_data.backend not in BACKENDS:
+        raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {cfg_data.backend!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    batch_size = int(cfg_data.batch_size)
+    val_batch_size = int(cfg_data.val_batch_size) or batch_size
+    if batch_size <= 0 or val_batch_size <= 0:
+        raise ValueError("data.batch_size must be > 0 and data.val_batch_size >= 0")
+    device = torch.device(device)
+    recipe = recipe_from_config(cfg_data)
+    layout = scan(cfg_data.root, on_corrupt=cfg_data.on_corrupt)
+    common = dict(workers=int(cfg_data.workers), device=device)
+    train = TrainLoader(
+        _source(cfg_data.backend, layout.train, recipe, train=True, batch_size=batch_size, **common),
+        layout, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    val = ValLoader(
+        _source(cfg_data.backend, layout.val, recipe, train=False, batch_size=val_batch_size,
+                **common),
+        layout, batch_size=val_batch_size, rank=rank, world_size=world_size, seed=seed)
+    return train, val
