@@ -1,0 +1,285 @@
+"""The data layer: digits writer, layout errors, corrupt files, sharding, order, resume, recipes.
+
+Most tests use a tiny tree whose every image is one flat grey level coding its index, so the
+sample identity survives decoding, cropping, resizing and flipping and can be read back from
+the batch: ``id = round((255 · mean(pixel) - BASE) / STEP)`` (normalisation mean 0, std 1).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, build_loaders
+from pipeline.data.digits import write_digits
+from pipeline.data.layout import scan
+
+CLASSES = ("ant", "bee", "cat")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 5
+BASE, STEP = 20, 5
+BACKENDS = ("dali", "torchvision")
+
+
+def _flat_jpeg(path: Path, level: int, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (level, level, level)).save(path, quality=95)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """ROOT/{train,val}/<class>/<id>.jpg; image id i (per split, in scan order) has level BASE+STEP·i."""
+    root = tmp_path_factory.mktemp("tree")
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for c, name in enumerate(CLASSES):
+            for k in range(per_class):
+                i = c * per_class + k
+                _flat_jpeg(root / split / name / f"{i:03d}.jpg", BASE + STEP * i)
+    return root
+
+
+def _cfg(root, **kw) -> DataConfig:
+    base = dict(root=str(root), recipe="imagenet", image_size=16, batch_size=4,
+                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], workers=0)
+    return DataConfig(**{**base, **kw})
+
+
+def _ids(images: torch.Tensor) -> list[int]:
+    levels = images.mean(dim=(1, 2, 3)) * 255
+    return torch.round((levels - BASE) / STEP).long().tolist()
+
+
+def _epoch_ids(loader, epoch, start_step=0) -> list[list[int]]:
+    return [_ids(x) for x, _ in loader.epoch(epoch, start_step)]
+
+
+def _one_line_error(excinfo, *fragments: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+# ---- embedded digits -------------------------------------------------------------------------
+
+def test_digits_writer_counts_shape_classes_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "digits"
+    counts = write_digits(out)
+    assert (counts["train"], counts["val"], counts["classes"]) == (1437, 360, 10)
+    for split in ("train", "val"):
+        assert sorted(os.listdir(out / split)) == [str(d) for d in range(10)]
+    per_class_val = [len(os.listdir(out / "val" / str(d))) for d in range(10)]
+    assert sum(per_class_val) == 360 and min(per_class_val) >= 34   # stratified: ~36 each
+    with Image.open(next((out / "train" / "3").iterdir())) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+        assert np.asarray(im).max() > 200   # scaled from 0..16 to 0..255
+    with pytest.raises(FileExistsError):
+        write_digits(out)
+    assert sorted(os.listdir(tmp_path)) == ["digits"]   # no temp dirs left behind
+
+
+def test_digits_split_is_seeded(tmp_path):
+    a = write_digits(tmp_path / "a", size=8)
+    b = write_digits(tmp_path / "b", size=8)
+    assert a["val"] == b["val"]
+    assert sorted(os.listdir(tmp_path / "a" / "val" / "7")) == \
+        sorted(os.listdir(tmp_path / "b" / "val" / "7"))
+
+
+# ---- layout errors ---------------------------------------------------------------------------
+
+def _small_tree(root: Path, val_classes=CLASSES, empty: str | None = None) -> Path:
+    for split, names in (("train", CLASSES), ("val", val_classes)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            if not (split == "train" and name == empty):
+                _flat_jpeg(root / split / name / "0.jpg", 100)
+    return root
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DataError) as e:
+        scan(tmp_path / "nowhere")
+    _one_line_error(e, "data root not found", str(tmp_path / "nowhere"))
+
+
+def test_missing_split(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    _one_line_error(e, "missing split folder", str(tmp_path / "val"))
+
+
+def test_no_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    _one_line_error(e, "no class folders", str(tmp_path / "train"))
+
+
+def test_empty_class_folder(tmp_path):
+    _small_tree(tmp_path, empty="bee")
+    (tmp_path / "train" / "bee" / ".DS_Store").write_bytes(b"hidden files do not count")
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    _one_line_error(e, "empty class folder", str(tmp_path / "train" / "bee"))
+
+
+def test_val_classes_must_match_train(tmp_path):
+    _small_tree(tmp_path, val_classes=("ant", "bee", "dog"))
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    _one_line_error(e, "differ from train", "cat", "dog")
+
+
+def test_too_few_images_for_a_global_batch(tmp_path):
+    _small_tree(tmp_path)
+    with pytest.raises(DataError) as e:
+        build_loaders(_cfg(tmp_path, batch_size=4), rank=0, world_size=1, seed=0)
+    _one_line_error(e, "fewer than one global batch", "batch_size=4")
+
+
+# ---- corrupt files ---------------------------------------------------------------------------
+
+def _tree_with_bad_files(root: Path) -> dict[str, Path]:
+    _small_tree(root)
+    for name in CLASSES:
+        for k in range(1, 4):
+            _flat_jpeg(root / "train" / name / f"{k}.jpg", 50 * k)
+    good = (root / "train" / "ant" / "1.jpg").read_bytes()
+    bad = {"text": root / "train" / "bee" / "notes.jpg",
+           "truncated": root / "train" / "cat" / "cut.jpg",
+           "empty": root / "val" / "ant" / "zero.jpg"}
+    bad["text"].write_text("not an image")
+    bad["truncated"].write_bytes(good[:len(good) // 2])
+    bad["empty"].write_bytes(b"")
+    return bad
+
+
+def test_corrupt_file_fails_naming_it(tmp_path):
+    bad = _tree_with_bad_files(tmp_path)
+    with pytest.raises(DataError) as e:
+        build_loaders(_cfg(tmp_path, batch_size=2), rank=0, world_size=1, seed=0)
+    _one_line_error(e, "corrupt or non-image file", str(bad["text"]), "on_corrupt=skip")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_files_skipped_and_counted(tmp_path, backend):
+    bad = _tree_with_bad_files(tmp_path)
+    train, val = build_loaders(_cfg(tmp_path, batch_size=2, backend=backend, on_corrupt="skip"),
+                               rank=0, world_size=1, seed=0)
+    assert sorted(train.skipped + val.skipped) == sorted(map(str, bad.values()))
+    assert train.num_samples == 12 and val.num_samples == 3
+    assert sum(len(y) for _, y in train.epoch(0)) == 12
+    assert sum(len(y) for _, y in val) == 3
+
+
+@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torchvision", 0), ("torchvision", 2)])
+def test_corrupt_file_past_the_scan_fails_at_decode_naming_it(tmp_path, backend, workers):
+    _small_tree(tmp_path)
+    good = (tmp_path / "val" / "ant" / "0.jpg").read_bytes()
+    sneaky = tmp_path / "val" / "bee" / "1.jpg"   # intact JPEG header and EOI, garbage between
+    sneaky.write_bytes(good[:20] + np.random.default_rng(0).bytes(400) + b"\xff\xd9")
+    _, val = build_loaders(_cfg(tmp_path, batch_size=1, backend=backend, workers=workers),
+                           rank=0, world_size=1, seed=0)
+    with pytest.raises(DataError) as e:
+        list(val)
+    _one_line_error(e, "cannot decode image", str(sneaky))
+
+
+# ---- sharding, order, resume -----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_shards_cover_every_image_once(tree, backend):
+    seen, labels = [], []
+    for rank in (0, 1):
+        _, val = build_loaders(_cfg(tree, backend=backend, val_batch_size=4), rank=rank,
+                               world_size=2, seed=0)
+        assert val.num_samples == 15
+        batches = list(val)
+        assert len(batches) == len(val)
+        seen += [i for x, _ in batches for i in _ids(x)]
+        labels += [y for _, ys in batches for y in ys.tolist()]
+    assert sorted(seen) == list(range(15))
+    assert labels == [i // VAL_PER_CLASS for i in seen]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_shards_disjoint_equal_and_labelled(tree, backend):
+    shards = []
+    for rank in (0, 1):
+        train, _ = build_loaders(_cfg(tree, backend=backend), rank=rank, world_size=2, seed=3)
+        assert len(train) == 42 // (2 * 4) and train.num_classes == 3
+        batches = list(train.epoch(1))
+        assert len(batches) == len(train)
+        for x, y in batches:
+            assert y.tolist() == [i // TRAIN_PER_CLASS for i in _ids(x)]
+        shards.append([i for x, _ in batches for i in _ids(x)])
+    assert len(shards[0]) == len(shards[1]) == 20
+    assert not set(shards[0]) & set(shards[1])
+
+
+def test_both_backends_read_the_same_order(tree):
+    orders = []
+    for backend in BACKENDS:
+        train, val = build_loaders(_cfg(tree, backend=backend), rank=1, world_size=2, seed=5)
+        orders.append((_epoch_ids(train, 2), [_ids(x) for x, _ in val]))
+    assert orders[0] == orders[1]
+
+
+def test_reshuffle_per_epoch_is_seeded(tree):
+    train, _ = build_loaders(_cfg(tree), rank=0, world_size=1, seed=7)
+    again, _ = build_loaders(_cfg(tree), rank=0, world_size=1, seed=7)
+    other, _ = build_loaders(_cfg(tree), rank=0, world_size=1, seed=8)
+    e0, e1 = _epoch_ids(train, 0), _epoch_ids(train, 1)
+    assert e0 != e1
+    for ids in (sum(e0, []), sum(e1, [])):   # 40 of the 42 images, each at most once
+        assert len(set(ids)) == 40 and set(ids) <= set(range(42))
+    assert _epoch_ids(again, 1) == e1
+    assert _epoch_ids(other, 1) != e1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_reads_exactly_the_remaining_batches(tree, backend):
+    train, _ = build_loaders(_cfg(tree, backend=backend), rank=0, world_size=1, seed=1)
+    full = _epoch_ids(train, 4)
+    assert _epoch_ids(train, 4, start_step=6) == full[6:]
+    assert _epoch_ids(train, 4, start_step=len(train)) == []
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+
+MEAN, STD = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
+
+
+def _expected(level: int) -> torch.Tensor:
+    return (level / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe,size", [("imagenet", 16), ("cifar", 24)])
+def test_recipe_shapes_dtypes_and_normalisation(tree, backend, recipe, size):
+    cfg = _cfg(tree, backend=backend, recipe=recipe, image_size=size, mean=MEAN, std=STD,
+               val_batch_size=5)
+    train, val = build_loaders(cfg, rank=0, world_size=1, seed=0)
+    x, y = next(iter(train.epoch(0)))
+    assert x.shape == (4, 3, size, size) and x.dtype == torch.float32
+    assert y.shape == (4,) and y.dtype == torch.int64 and x.device.type == "cpu"
+    xv, yv = next(iter(val))
+    assert xv.shape == (5, 3, size, size) and yv.tolist() == [0] * 5
+    # Validation is deterministic: val image i is flat at level BASE + STEP·i.
+    for i in range(5):
+        want = _expected(BASE + STEP * i).view(3, 1, 1).expand(3, size, size)
+        assert torch.allclose(xv[i], want, atol=3 / 255 / min(STD))
+    # Training crops of a flat image hold its level, plus (cifar) zero padding, nothing else.
+    black = _expected(0).view(1, 3, 1, 1)
+    for image in x:
+        padded = torch.isclose(image, black[0], atol=1e-4).all(dim=0)
+        content = image[:, ~padded]
+        assert recipe == "cifar" or not padded.any()
+        assert torch.allclose(content, content[:, :1].expand_as(content), atol=3 / 255 / min(STD))
