@@ -1,0 +1,188 @@
+"""Associative convolution (CSG): slice layout, dead codes, one shared generator, binary CSG,
+exact export, gradients from every generated layer."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.methods import get_method
+from pipeline.methods.csg import (ConvSliceGenerator, GeneratedConv2d, generated_convs,
+                                  materialize)
+from pipeline.models import build_model
+from pipeline.models.summary import count_params
+
+
+def padded_flat_index(out_channels: int, in_channels: int, slice_size: int,
+                      k: int) -> torch.Tensor:
+    """Index of each kernel entry (o, i, a, b) in the padded kernel
+    [⌈out/S⌉·S, ⌈in/S⌉·S, k, k] flattened row-major."""
+    cols = math.ceil(in_channels / slice_size) * slice_size
+    index = torch.empty(out_channels, in_channels, k, k, dtype=torch.long)
+    for o, i, a, b in itertools.product(range(out_channels), range(in_channels), range(k),
+                                        range(k)):
+        index[o, i, a, b] = ((o * cols + i) * k + a) * k + b
+    return index
+
+
+# (in, out, S, k, groups): exact fit, row padding with a dead code (16→16, S=12), slices that
+# cover a fraction of a row (20 → 6 with S=2), 1×1, grouped.
+SHAPES = [(12, 24, 12, 3, 1), (16, 16, 12, 3, 1), (20, 6, 2, 3, 1), (10, 7, 4, 1, 1),
+          (8, 12, 4, 3, 2)]
+
+
+@pytest.mark.parametrize("in_ch,out_ch,s,k,groups", SHAPES)
+def test_each_code_generates_its_row_major_run_of_the_padded_kernel(in_ch, out_ch, s, k, groups):
+    torch.manual_seed(0)
+    csg = ConvSliceGenerator(s, k, code_size=5)
+    conv = GeneratedConv2d(in_ch, out_ch, k, groups=groups, generator=csg)
+    index = padded_flat_index(out_ch, in_ch // groups, s, k)
+    length = s * s * k * k
+    slices = conv.codes.detach() @ csg.weight.detach().T          # [n, S·S·k·k]
+    with torch.no_grad():
+        kernel = conv.kernel()
+    assert kernel.shape == (out_ch, in_ch // groups, k, k)
+    # entry (o, i, a, b) is entry index % length of the slice of code index // length
+    torch.testing.assert_close(kernel, slices[index // length, index % length], rtol=0, atol=0)
+
+
+def dead_codes(conv: GeneratedConv2d) -> set[int]:
+    s = conv.generator.slice_size
+    k = conv.kernel_size[0]
+    index = padded_flat_index(conv.out_channels, conv.in_channels // conv.groups, s, k)
+    live = (index // (s * s * k * k)).unique().tolist()
+    return set(range(conv.codes.shape[0])) - set(live)
+
+
+def test_dead_codes_are_those_entirely_in_the_crop_and_get_no_gradient():
+    torch.manual_seed(0)
+    conv = GeneratedConv2d(16, 16, 3, padding=1, generator=ConvSliceGenerator(12, 3, 8))
+    # padded 24×24: each of the 4 codes generates 6 whole rows; rows 18–23 are all cropped
+    assert dead_codes(conv) == {3}
+    assert dead_codes(GeneratedConv2d(16, 32, 3, generator=conv.generator)) == set()
+    conv(torch.randn(2, 16, 5, 5)).square().sum().backward()
+    grad_norms = conv.codes.grad.norm(dim=1)
+    assert grad_norms[3] == 0
+    assert (grad_norms[:3] > 0).all()
+
+
+def test_the_model_holds_one_csg_and_every_generated_conv_uses_it():
+    model = build_model("cifar_resnet8", 10, method="csg", slice=8, code=16)
+    state = model.state_dict()
+    csg_entries = [k for k, v in state.items() if v.shape == model.csg.weight.shape]
+    assert csg_entries == ["csg.weight"]
+    convs = generated_convs(model)
+    assert len(convs) == 6 and all(c.generator is model.csg for c in convs)
+    assert not any("generator" in k for k in state)
+    # a reloaded state_dict reproduces the model
+    other = build_model("cifar_resnet8", 10, method="csg", slice=8, code=16)
+    other.load_state_dict(state)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), other.eval()
+    torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+
+def test_reference_parameter_counts():
+    counts = {("cifar_resnet56", 12, 72): 160_450, ("cifar_resnet56", 16, 128): 347_162,
+              ("cifar_resnet20", 16, 128): 312_218}
+    for (arch, s, c), want in counts.items():
+        assert count_params(build_model(arch, 10, method="csg", slice=s, code=c))[0] == want
+    assert count_params(build_model("cifar_resnet56", 10))[0] == 853_018
+    assert count_params(build_model("resnet18", 1000, method="csg", slice=16,
+                                    code=128))[0] == 7_527_976
+
+
+def train_steps(model: nn.Module, steps: int, size: int = 16) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                          momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_binary_csg_stays_half_sign_and_frozen_while_codes_train():
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet8", 10, method="csg", slice=8, code=16, binary=True)
+    weight = model.csg.weight.detach().clone()
+    codes = generated_convs(model)[0].codes.detach().clone()
+    assert set(weight.unique().tolist()) == {-0.5, 0.5}
+    assert not model.csg.weight.requires_grad
+    assert count_params(model)[1] == count_params(model)[0] - weight.numel()
+    train_steps(model, 3)
+    assert torch.equal(model.csg.weight, weight)
+    assert not torch.equal(generated_convs(model)[0].codes.detach(), codes)
+
+
+@torch.no_grad()
+def calibrate_batch_norm(model: nn.Module, size: int) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None                  # cumulative average
+    model.train()
+    model(torch.randn(4, 3, size, size))
+
+
+@pytest.mark.parametrize("arch,size", [("cifar_resnet8", 8), ("cifar_densenet_bc_40_36", 8),
+                                       ("cifar_mobilenet_v2", 8), ("cifar_shufflenet_v2_x0_5", 8),
+                                       ("resnet50", 32)])
+def test_export_materialises_plain_convs_with_the_same_outputs(arch, size):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, method="csg")
+    calibrate_batch_norm(model, size)      # eval-mode outputs of the scale of a trained model
+    exported = get_method("csg").export(model.eval())
+    assert not generated_convs(exported) and not hasattr(exported, "csg")
+    assert not exported._forward_pre_hooks
+    baseline = build_model(arch, 10)
+    assert exported.state_dict().keys() == baseline.state_dict().keys()
+    assert count_params(exported)[0] == count_params(baseline)[0]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (model(x) - exported(x)).abs().max() <= 1e-6
+    # the CSG model is untouched by the export
+    assert generated_convs(model) and materialize(model) is not model
+
+
+def test_gradients_reach_the_csg_from_every_generated_layer():
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet8", 10, method="csg", slice=8, code=16)
+    kernels: dict[GeneratedConv2d, torch.Tensor] = {}
+
+    def capture(conv: GeneratedConv2d, args) -> None:
+        # the model's pre-hook generated this kernel in its one batched matmul
+        assert conv.pending_kernel is not None
+        conv.pending_kernel.retain_grad()
+        kernels[conv] = conv.pending_kernel
+
+    for conv in generated_convs(model):
+        conv.register_forward_pre_hook(capture)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)),
+                                torch.randint(0, 10, (4,))).backward()
+    assert len(kernels) == len(generated_convs(model))
+    expected = torch.zeros_like(model.csg.weight)
+    for conv, kernel in kernels.items():
+        grad_flat = torch.zeros(conv.padded_shape)
+        grad_flat[: conv.out_channels, : conv.in_channels] = kernel.grad
+        contribution = grad_flat.view(conv.codes.shape[0], -1).T @ conv.codes.detach()
+        assert contribution.abs().sum() > 0
+        expected += contribution
+    torch.testing.assert_close(model.csg.weight.grad, expected)
+
+
+def test_bad_options_are_value_errors():
+    with pytest.raises(ValueError, match="slice"):
+        build_model("cifar_resnet8", 10, method="csg", slice=0)
+    with pytest.raises(ValueError, match="binary"):
+        build_model("cifar_resnet8", 10, method="csg", binary="yes")
+    with pytest.raises(ValueError, match="unknown model option"):
+        build_model("cifar_resnet8", 10, method="csg", slices=8)
+    with pytest.raises(ValueError, match="kernel_size"):
+        GeneratedConv2d(4, 4, 1, generator=ConvSliceGenerator(4, 3, 4))
+    with pytest.raises(ValueError, match="does not support"):
+        build_model("cifar_densenet40", 10, method="csg")
