@@ -1,0 +1,69 @@
+"""Shared fixtures: the embedded digits tree (written once per session) and a runner for the
+`pipeline` command in a scratch working directory (its own MLflow store, run and data dirs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from pipeline.data.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    write_digits(root)
+    return root
+
+
+class Pipeline:
+    """Runs `python -m pipeline …` in ``cwd`` and keeps what it printed."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=self.cwd,
+                              env=self.env(**env), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def popen(self, *args: str, launcher: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+        cmd = [*launcher, *(["-m", "pipeline"] if launcher else
+                            [sys.executable, "-m", "pipeline"]), *args]
+        return subprocess.Popen(cmd, cwd=self.cwd, env=self.env(**env), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    @staticmethod
+    def final(stdout: str) -> dict:
+        lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+        finals = [l for l in lines if l.get("event") == "final"]
+        assert len(finals) == 1, stdout
+        return finals[0]
+
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.cwd / 'mlflow.db'}"
+
+
+@pytest.fixture
+def pipeline_cli(tmp_path) -> Pipeline:
+    return Pipeline(tmp_path)
+
+
+def config_path(name: str) -> str:
+    return str(REPO / "configs" / name)
