@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -11,7 +11,6 @@ current optimizer step, write a checkpoint and exit with EXIT_RESUMABLE; `checkp
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -153,8 +152,8 @@ class Run:
             raise ConfigError(f"config key 'model.num_classes': {num_classes} but "
                               f"{cfg.data.root} has {self.train_data.num_classes} classes")
         self.method = get_method(cfg.method.name, **cfg.method.opts)
-        model = build_model(cfg.model.name, num_classes, method=cfg.method.name,
-                            **cfg.model.opts).to(self.dist.device)
+        self.num_classes = num_classes
+        model = self._build_model().to(self.dist.device)
         if cfg.engine.sync_bn:
             if self.dist.device.type != "cuda":
                 raise ConfigError("config key 'engine.sync_bn': SyncBatchNorm needs CUDA")
@@ -174,6 +173,11 @@ class Run:
         self.pos = self._resume()
         self.tracker = open_tracker(cfg.tracking.enabled and self.main, cfg.tracking.experiment,
                                     cfg.tracking.run_name or cfg.name, self.pos.run_id)
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        return build_model(cfg.model.name, self.num_classes, method=cfg.method.name,
+                           **cfg.model.opts)
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self) -> Position:
@@ -288,8 +292,8 @@ class Run:
         if self.pos.run_id is None:  # a new run: params once
             self.tracker.log_params(flatten(self.cfg))
             self.tracker.log_params({"data.train_batches_per_rank": len(self.train_data),
-                                     "data.skipped_files": self.train_data.skipped +
-                                     self.val_data.skipped,
+                                     "data.skipped_files": len(self.train_data.skipped) +
+                                     len(self.val_data.skipped),
                                      "model.params": count_params(self.model)[0]})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.tracker.set_tags({**run_tags(self.dist.world_size), **self.cfg.tracking.tags,
@@ -299,7 +303,9 @@ class Run:
     def _finish(self, result: dict[str, float]) -> dict:
         """Final weights and the exported model (rank 0), as files and MLflow artifacts."""
         final = self.run_dir / "final.pt"
-        exported = self.method.export(copy.deepcopy(self.model).eval())
+        trained = self._build_model()  # a plain copy, free of DeepSpeed's hooks
+        trained.load_state_dict(self.model.state_dict())
+        exported = self.method.export(trained.to(self.dist.device).eval())
         if self.main:
             torch.save({"model": self.model.state_dict(), "config": OmegaConf.to_container(
                 self.cfg, resolve=True)}, final)
