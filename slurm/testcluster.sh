@@ -18,7 +18,10 @@ NODE=$(hostname -s)
 CPUS=$(nproc)
 CTLD_PORT=${TESTCLUSTER_CTLD_PORT:-6817}
 SLURMD_PORT=${TESTCLUSTER_SLURMD_PORT:-6818}
-MUNGE_SOCKET=$DIR/munge/munge.socket
+# munged runs as user munge: its files go where that user can reach (DIR may sit under a
+# private directory, as pytest's temporary directories do), one directory per cluster.
+MUNGE_DIR=/tmp/pipeline-munge-$(printf %s "$DIR" | md5sum | cut -c1-12)
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
 # A requeued job may start again only after the job credential lifetime (AuthInfo
 # cred_expire, 120 s by default). The test cluster shortens it so a requeue restarts at once.
 CRED_EXPIRE=${TESTCLUSTER_CRED_EXPIRE:-5}
@@ -77,17 +80,17 @@ EOF
 pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start_munge() {
-    pid_alive "$DIR/munge/munged.pid" && return
-    mkdir -p "$DIR/munge"
-    chown munge:munge "$DIR/munge"
-    chmod 0755 "$DIR/munge"
+    pid_alive "$MUNGE_DIR/munged.pid" && return
+    mkdir -p "$MUNGE_DIR"
+    chown munge:munge "$MUNGE_DIR"
+    chmod 0755 "$MUNGE_DIR"
     if [[ ! -s /etc/munge/munge.key ]]; then
         mungekey --create --keyfile=/etc/munge/munge.key
         chown munge:munge /etc/munge/munge.key
         chmod 0400 /etc/munge/munge.key
     fi
-    runuser -u munge -- munged --socket="$MUNGE_SOCKET" --pid-file="$DIR/munge/munged.pid" \
-        --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed"
+    runuser -u munge -- munged --socket="$MUNGE_SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
+        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND…
@@ -135,7 +138,8 @@ stop_daemon() {  # stop_daemon PIDFILE NAME
 stop() {
     stop_daemon "$DIR/slurmd.pid" slurmd
     stop_daemon "$DIR/slurmctld.pid" slurmctld
-    stop_daemon "$DIR/munge/munged.pid" munged
+    stop_daemon "$MUNGE_DIR/munged.pid" munged
+    rm -rf "$MUNGE_DIR"
     say "stopped"
 }
 

@@ -108,6 +108,9 @@ def test_tracker_queues_while_the_server_is_away_and_delivers_later(server, tmp_
         tracker.close("FINISHED")
         assert spool.exists()
         assert client.get_run(tracker.run_id).info.status == "RUNNING"
+        with pytest.raises(ValueError, match="unreachable.*2 records kept"):
+            sync_spool(spool_dir)  # still away: the file keeps everything
+        assert spool.exists()
     finally:
         proxy.up()
     assert sync_spool(spool_dir) == {"files": 1, "records": 2}  # step 8 and the final status

@@ -281,29 +281,36 @@ def sync_spool(root: str | Path) -> dict[str, int]:
     searched recursively) to ``MLFLOW_TRACKING_URI``, or else to the URI each file was written
     for. A file is deleted once all of it is delivered. A record the server refuses (4xx) is
     dropped with a warning, as in training; when the server is unreachable the file keeps the
-    rest and the error is raised. Returns counts of files and records delivered."""
+    rest and a ValueError says so. Returns counts of files and records delivered."""
     from mlflow.tracking import MlflowClient
 
     _limit_http_retries()
     if not Path(root).exists():
         raise ValueError(f"mlflow-sync: {root} does not exist")
-    files = spool_files(root)
     done = {"files": 0, "records": 0}
-    for path in files:
+    for path in spool_files(root):
         header, records = read_spool(path)
         client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or header["tracking_uri"])
-        spool = Spool(path.parent, header["run_id"], header["tracking_uri"])
-        logged_up_to = last_steps(client, header["run_id"])
-        for i, record in enumerate(records):
-            try:
-                deliver(client, header["run_id"], record, logged_up_to)
-                done["records"] += 1
-            except Exception as err:
-                if _unreachable(err):
-                    spool.rewrite(records[i:])
-                    raise
-                _warn_dropped(record, err)
-        spool.rewrite([])
+        processed = 0
+        try:
+            logged_up_to = last_steps(client, header["run_id"])
+            for record in records:
+                try:
+                    deliver(client, header["run_id"], record, logged_up_to)
+                    done["records"] += 1
+                except Exception as err:
+                    if _unreachable(err):
+                        raise
+                    _warn_dropped(record, err)
+                processed += 1
+        except Exception as err:
+            if not _unreachable(err):
+                raise
+            Spool(path.parent, header["run_id"], header["tracking_uri"]).rewrite(
+                records[processed:])
+            raise ValueError(f"MLflow at {client.tracking_uri} unreachable ({_first_line(err)}):"
+                             f" {len(records) - processed} records kept in {path}") from None
+        path.unlink()
         done["files"] += 1
     return done
 
