@@ -178,7 +178,7 @@ def _is_generation_hook(hook) -> bool:
 def materialize(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every generated conv a plain nn.Conv2d and no CSG."""
     out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
+    for module in list(out.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, GeneratedConv2d):
                 setattr(module, child_name, child.materialize())
