@@ -38,6 +38,6 @@ def _import_all() -> None:
 
 
 # One line per method module; each registers its Method subclass on import.
-_METHOD_MODULES: list[str] = ["csg", "gating", "selectconv"]
+_METHOD_MODULES: list[str] = ["csg", "gating", "selectconv", "ce"]
 
 __all__ = ["EvalMeter", "Method", "get_method", "method_names", "register_method"]
