@@ -78,6 +78,9 @@ def test_trainer_image_pins_what_the_tests_run_with():
     copied = " ".join(a for kind, a in steps if kind == "COPY")
     for part in ("pipeline", "configs", "slurm", "pyproject.toml", "docker/requirements.txt"):
         assert part in copied and (REPO / part).exists(), part
+    ignored = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignored and "data" in ignored, "the context would carry the venv/data"
+    assert not {"pipeline", "configs", "slurm", "pyproject.toml"} & set(ignored)
 
 
 def test_mlflow_image_matches_the_trainer_mlflow():
