@@ -96,7 +96,8 @@ class CopySlots(torch.autograd.Function):
 
     One autograd node instead of gather → translate → scatter, so that the backward writes the
     input gradient in one pass (clone, zero ``dst``, add the translated-back gradient at ``src``)
-    rather than allocating a zero gradient for the gather and summing two full-size gradients.
+    rather than allocating a zero gradient for the gather (index_add_, slow on CPU along the
+    channels) and summing two full-size gradients.
     """
 
     @staticmethod
@@ -117,9 +118,22 @@ class CopySlots(torch.autograd.Function):
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(moved, wanted, grad.index_select(1, dst))
                      if wanted else ())
-        grad_x = grad.index_fill(1, dst, 0).index_add_(1, src, next(grads)) if need_x else None
+        grad_x = _scatter_sum(grad.index_fill(1, dst, 0), src, next(grads)) if need_x else None
         grad_offset = next(grads) if need_offset else None
         return grad_x, grad_offset, None, None
+
+
+def _scatter_sum(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[:, index[j]] += values[:, j] (repeated indices summed), in place.
+
+    The same as ``out.index_add_(1, index, values)``, whose CPU kernel along dim 1 costs about
+    as much as the rest of a 1×1 unit's step: the repeats are summed by a matmul with a one-hot
+    matrix and the few distinct channels written back with index_copy_.
+    """
+    distinct, inverse = index.unique(return_inverse=True)
+    onehot = F.one_hot(inverse, distinct.numel()).to(values.dtype)
+    summed = torch.einsum("nchw,cu->nuhw", values, onehot)
+    return out.index_copy_(1, distinct, out.index_select(1, distinct) + summed)
 
 
 class SelectiveConv2d(nn.Module):
@@ -164,11 +178,13 @@ class SelectiveConv2d(nn.Module):
             H, W = x.shape[-2:]
             offset = self.shift[self.copy_dst] / ((H + W) / 4)
             x = CopySlots.apply(x, offset, self.copy_dst, self.copy_src)
-        norm = self.norm
+        norm, momentum = self.norm, self.norm.momentum
         if self.training:
             norm.num_batches_tracked.add_(1)
+            if momentum is None:  # nn.BatchNorm2d's cumulative average
+                momentum = 1.0 / float(norm.num_batches_tracked)
         y = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight * self.is_open,
-                         norm.bias * self.is_open, self.training, norm.momentum, norm.eps)
+                         norm.bias * self.is_open, self.training, momentum or 0.0, norm.eps)
         return self.conv(F.relu(y, inplace=True))
 
     def ecdm(self, normalize: bool = False) -> torch.Tensor:
