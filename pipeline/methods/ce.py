@@ -32,6 +32,10 @@ A custom autograd function (``_ChannelMix``) runs the full-size work (the two re
 the mix) in three passes over x, saves only x, and differentiates the small statistics graph
 (gram, s1 → mix) with autograd inside its backward. Statistics and iterations run in fp32 under
 autocast. Evaluation before any training step (running_kappa still 0) uses kappa = 1.
+
+The iteration is the reference's uncoupled form; it amplifies rounding errors (the iterates
+drift from symmetric), so beyond roughly 10–12 steps it diverges on ill-conditioned groups:
+``iterations`` well above 3 is for studying whitening on small, well-conditioned inputs.
 """
 from __future__ import annotations
 
