@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m pipeline.engine.prebuild
 	touch $(STAMP)
 
 $(DIGITS)/train: | $(STAMP)
@@ -32,8 +33,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) $(DIGITS)/train
-	$(BIN)/python benchmarks/loader.py
-	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python -m benchmarks.loader
+	$(BIN)/python -m benchmarks.methods
 
 clean:
 	rm -rf $(VENV) data runs checkpoints mlruns mlflow.db

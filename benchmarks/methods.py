@@ -1,6 +1,6 @@
 """Training-step and inference cost of each channel method against its baseline.
 
-    python benchmarks/methods.py [--method ce|gated|selectconv|csg] [--quick]
+    python benchmarks/methods.py [--method ce|gated|selectconv|csg] [--quick]   (from the repo root)
 
 Each method's module (bench_<method>.py beside this file) measures its alternatives interleaved
 in one run (benchmarks/common.py) and returns JSON-able records; this script prints them, one
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bench modules' `benchmarks.`
+from benchmarks.common import emit  # noqa: E402
 
-BENCHES = {"ce": "bench_ce", "gated": "bench_gating", "selectconv": "bench_selectconv",
-           "csg": "bench_csg"}
+BENCHES = {"ce": "benchmarks.bench_ce", "gated": "benchmarks.bench_gating",
+           "selectconv": "benchmarks.bench_selectconv", "csg": "benchmarks.bench_csg"}
 
 
 def main() -> None:

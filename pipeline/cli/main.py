@@ -23,7 +23,7 @@ def _parse_opts(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--opt {item!r} is not of the form key=value")
-        opts[key] = OmegaConf.create({"v": value}).v if value else value
+        opts[key] = OmegaConf.from_dotlist([f"v={value}"]).v
     return opts
 
 
