@@ -252,8 +252,8 @@ def test_two_rank_run_keeps_ce_buffers_identical(pipeline_cli, digits_root, tmp_
     CE buffers differ (different batches); after the engine's sync they are identical."""
     script = tmp_path / "train_and_dump.py"
     script.write_text(_DUMP_SCRIPT)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port=0", str(script))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(script))
     proc = pipeline_cli.popen("train", config_path("digits/ce.yaml"),
                               f"data.root={digits_root}", "model.name=cifar_resnet8",
                               "schedule.epochs=1", "engine.max_steps_per_epoch=3",
@@ -294,6 +294,5 @@ def export(self, model):
 original = ChannelEquilibriumMethod.export
 ChannelEquilibriumMethod.on_step_end = on_step_end
 ChannelEquilibriumMethod.export = export
-sys.argv = ["pipeline", *sys.argv[1:]]
-sys.exit(main())
+sys.exit(main(sys.argv[3:]))  # argv: <script> -m pipeline train …
 """
