@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DIGITS := data/digits
 CONFIG ?= configs/digits/baseline.yaml
+# One PATH for every step: DeepSpeed rebuilds its JIT extension when the ninja on PATH changes.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .PHONY: venv train test data bench clean

@@ -52,6 +52,13 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_mlflow_sync(args) -> int:
+    from pipeline.tracking import sync_spool
+
+    print(json.dumps({"event": "mlflow-sync", "dir": args.dir, **sync_spool(args.dir)}))
+    return 0
+
+
 def cmd_summary(args) -> int:
     from pipeline.models import build_model
     from pipeline.models.summary import count_params, summarize
@@ -90,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["digits"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("mlflow-sync", help="deliver MLflow records kept while the tracking "
+                       "server was unreachable")
+    p.add_argument("dir", help="a spool file, or a directory searched for mlflow-pending-*.jsonl")
+    p.set_defaults(func=cmd_mlflow_sync)
 
     p = sub.add_parser("summary", help="parameters and MACs of a model")
     p.add_argument("--model", required=True)

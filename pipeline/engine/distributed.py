@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _clear_stale_extension_locks(max_age_minutes: float = 10.0) -> None:
+    """DeepSpeed's CPU accelerator loads a JIT-compiled op at start-up under a lock file in the
+    torch extensions directory; a process killed while holding it leaves the lock behind and
+    every later start waits on it forever. A build takes well under a minute, so a lock older
+    than ``max_age_minutes`` is stale."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR",
+                               Path.home() / ".cache" / "torch_extensions"))
+    for lock in root.glob("*/deepspeed_*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_minutes * 60:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def setup(timeout_minutes: float = 30.0) -> Dist:
     """Initialise torch.distributed through DeepSpeed and return this process's place."""
     cuda = torch.cuda.is_available()
@@ -40,6 +57,8 @@ def setup(timeout_minutes: float = 30.0) -> Dist:
     if "RANK" not in os.environ:  # launched without torchrun: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not cuda:
+        _clear_stale_extension_locks()
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -32,6 +32,7 @@ from pipeline.config import ConfigError, flatten, to_yaml
 from pipeline.data import build_loaders
 from pipeline.methods import Method, get_method
 from pipeline.models import build_model
+from pipeline.models.diagnostics import InhibitedChannels
 from pipeline.models.summary import count_params
 from pipeline.tracking import open_tracker, run_tags
 
@@ -51,6 +52,11 @@ class Position:
     epoch: int = 0          # current epoch (0-based)
     step_in_epoch: int = 0  # micro-batches of this epoch already consumed
     run_id: str | None = None
+
+
+def eval_meters(cfg: DictConfig, method: Method, model: torch.nn.Module) -> list:
+    """The inhibited-channel diagnostic (every model) and the method's own meters."""
+    return [InhibitedChannels(cfg.engine.inhibited_threshold), *method.eval_meters(model)]
 
 
 class StopRequest:
@@ -172,7 +178,8 @@ class Run:
         _seed(cfg.engine.seed + 7919 * (self.dist.rank + 1))  # per-rank streams from here on
         self.pos = self._resume()
         self.tracker = open_tracker(cfg.tracking.enabled and self.main, cfg.tracking.experiment,
-                                    cfg.tracking.run_name or cfg.name, self.pos.run_id)
+                                    cfg.tracking.run_name or cfg.name, self.pos.run_id,
+                                    spool_dir=self.run_dir)
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -267,13 +274,10 @@ class Run:
         self.tracker.log_metrics(metrics, step)
 
     # ----------------------------------------------------------------------------- evaluate
-    def _eval_meters(self) -> list:
-        return self.method.eval_meters(self.model)
-
     def _evaluate(self) -> dict[str, float]:
         average_buffers(self.model)
-        result = evaluate(self.model, self.val_data, self.dist.device, self._eval_meters(),
-                          self.autocast)
+        result = evaluate(self.model, self.val_data, self.dist.device,
+                          eval_meters(self.cfg, self.method, self.model), self.autocast)
         metrics = {f"val/{k}": v for k, v in result.items()}
         metrics.update({f"method/{k}": v for k, v in self.method.metrics(self.model).items()})
         self.tracker.log_metrics(metrics, self.engine.global_steps)
@@ -366,7 +370,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
                             method=cfg.method.name, **cfg.model.opts)
         model.load_state_dict(ckpt.load_module_state(path))
         model.to(dist.device)
-        result = evaluate(model, val_data, dist.device, method.eval_meters(model),
+        result = evaluate(model, val_data, dist.device, eval_meters(cfg, method, model),
                           AUTOCAST[cfg.engine.precision])
         result.update({f"method/{k}": v for k, v in method.metrics(model).items()})
         return result if dist.is_main else None
