@@ -84,7 +84,7 @@ class _ChannelMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, source, mix_of_stats, *params):
-        n, groups, d, length = z.shape
+        length = z.shape[-1]
         s1 = z.sum(-1)
         gram = z @ z.transpose(-1, -2)
         with torch.enable_grad():
