@@ -22,6 +22,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from ..methods.ce import NormCE
+from .cifar_resnet import CIFAR_RESNET_DEPTHS
 from .registry import build_model, register_model
 
 RESNET_CE_STAGES = ("layer1", "layer2", "layer3")
@@ -85,5 +86,5 @@ def build_shufflenet_v2(num_classes: int, group_size: int = 16, iterations: int 
 
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
     _register_resnet(_arch)
-for _depth in (8, 20, 32, 44, 56, 110):  # the depths cifar_resnet.py registers
+for _depth in CIFAR_RESNET_DEPTHS:
     _register_resnet(f"cifar_resnet{_depth}")

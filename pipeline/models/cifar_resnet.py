@@ -100,5 +100,7 @@ def _register(depth: int) -> None:
         return CifarResNet(depth, num_classes)
 
 
-for _depth in (8, 20, 32, 44, 56, 110):  # 8: a tiny net for smoke tests
+CIFAR_RESNET_DEPTHS = (8, 20, 32, 44, 56, 110)  # 8: a tiny net for smoke tests
+
+for _depth in CIFAR_RESNET_DEPTHS:
     _register(_depth)

@@ -20,7 +20,7 @@ from torch import nn
 from ..methods.csg import ConvSliceGenerator, GeneratedConv2d, attach_generator
 from .cifar_densenet import CIFAR_DENSENETS, BnReluConv, CifarDenseNet, bn_relu_conv
 from .cifar_mobilenet import CifarMobileNetV2
-from .cifar_resnet import CifarResNet
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet
 from .cifar_shufflenet import CifarShuffleNetV2
 from .registry import register_model
 
@@ -114,7 +114,7 @@ def _register_torchvision(arch: str, attribute: str) -> None:
         return attach_generator(model, csg, binary)
 
 
-for _depth in (8, 20, 32, 44, 56, 110):
+for _depth in CIFAR_RESNET_DEPTHS:
     _register_cifar_resnet(f"cifar_resnet{_depth}", _depth)
 for _arch in ("cifar_densenet_bc_40_36", "cifar_densenet_bc_40_48"):
     _register_cifar_densenet(_arch, *CIFAR_DENSENETS[_arch])
