@@ -58,7 +58,27 @@ class Transition(nn.Sequential):
         super().__init__(*layers, nn.AvgPool2d(2))
 
 
-class CifarDenseNet(nn.Module):
+class PreActNet(nn.Module):
+    """Base of the pre-activation CIFAR networks: their features end in a BN → ReLU → global
+    pool → fc head, and their convolutions start from He initialisation."""
+
+    def add_head(self, channels: int, num_classes: int) -> None:
+        self.norm = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def init_convs(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.norm(features))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class CifarDenseNet(PreActNet):
     """Stem 3×3 conv (2k channels) → 3 dense blocks of (depth−4)/6 bottleneck layers, with
     transitions between them → BN → ReLU → global pool → fc."""
 
@@ -82,19 +102,12 @@ class CifarDenseNet(nn.Module):
                 blocks.append(Transition(channels, out, unit))
                 channels = out
         self.features = nn.Sequential(*blocks)
-        self.norm = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.add_head(channels, num_classes)
+        self.init_convs()
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.norm(self.features(self.conv1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.classify(self.features(self.conv1(x)))
 
 
 CIFAR_DENSENETS = {

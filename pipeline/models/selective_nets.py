@@ -25,7 +25,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from ..methods.selectconv import SelectiveConv2d
-from .cifar_densenet import CIFAR_DENSENETS, BnReluConv, CifarDenseNet, bn_relu_conv
+from .cifar_densenet import (CIFAR_DENSENETS, BnReluConv, CifarDenseNet, PreActNet,
+                             bn_relu_conv)
 from .registry import register_model
 
 Unit = Callable[[int, int, int, str], nn.Module]
@@ -75,7 +76,7 @@ class ResNeXtBlock(nn.Module):
         return zero_pad_channels(x, self.out_channels) + self.unit3(self.grouped(self.unit1(x)))
 
 
-class CifarPreActNet(nn.Module):
+class CifarPreActNet(PreActNet):
     """Stem 3×3 conv → stages (AvgPool2d(2) between) → BN → ReLU → global pool → fc."""
 
     def __init__(self, stem_channels: int, stages: list[nn.Sequential], channels: int,
@@ -85,17 +86,11 @@ class CifarPreActNet(nn.Module):
         for i, stage in enumerate(stages):
             layers += [stage] if i == 0 else [nn.AvgPool2d(2), stage]
         self.features = nn.Sequential(*layers)
-        self.norm = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.add_head(channels, num_classes)
+        self.init_convs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.norm(self.features(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.classify(self.features(x))
 
 
 def cifar_preact_resnet(depth: int, num_classes: int, unit: Unit) -> CifarPreActNet:
