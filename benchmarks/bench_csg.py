@@ -9,6 +9,7 @@ import torch
 from benchmarks.common import emit, inference, median_seconds, train_step
 from pipeline.methods import get_method
 from pipeline.methods.csg import storage_report
+from pipeline.models.diagnostics import calibrate_batch_norm
 from pipeline.models.registry import build_model
 
 SIZE = 32
@@ -41,8 +42,9 @@ def bench_train_step(arch: str, batch: int, quick: bool) -> dict:
 
 def bench_inference(arch: str, batch: int, quick: bool) -> dict:
     torch.manual_seed(0)
-    baseline = build_model(arch, 10).eval()
-    csg = build_model(arch, 10, method="csg").eval()
+    calibration = torch.randn(64, 3, SIZE, SIZE)
+    baseline = calibrate_batch_norm(build_model(arch, 10), calibration)
+    csg = calibrate_batch_norm(build_model(arch, 10, method="csg"), calibration)
     exported = get_method("csg").export(csg)
     times = median_seconds({"baseline": inference(baseline, batch, SIZE),
                             "csg": inference(csg, batch, SIZE),

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from pipeline.methods import get_method
-from pipeline.methods.csg import (ConvSliceGenerator, GeneratedConv2d, generated_convs,
-                                  materialize)
+from pipeline.methods.csg import (ConvSliceGenerator, GeneratedConv2d, _GenerateKernels,
+                                  generated_convs, materialize)
 from pipeline.models import build_model
+from pipeline.models.diagnostics import calibrate_batch_norm
 from pipeline.models.summary import count_params
 
 
@@ -69,6 +70,25 @@ def test_dead_codes_are_those_entirely_in_the_crop_and_get_no_gradient():
     assert (grad_norms[:3] > 0).all()
 
 
+def test_batched_generation_has_the_gradient_of_the_plain_product():
+    torch.manual_seed(0)
+    csg = ConvSliceGenerator(4, 3, code_size=3).double()
+    convs = [GeneratedConv2d(i, o, 3, groups=g, generator=csg).double()
+             for i, o, _, _, g in [(5, 6, 0, 0, 1), (8, 12, 0, 0, 2), (4, 3, 0, 0, 1)]]
+
+    def kernels(weight, *codes):
+        return _GenerateKernels.apply(weight, convs, *codes)
+
+    inputs = (csg.weight.detach().clone().requires_grad_(),
+              *(c.codes.detach().clone().requires_grad_() for c in convs))
+    assert torch.autograd.gradcheck(kernels, inputs)
+    # and the same kernels as the crop of the unbatched product
+    for conv, kernel in zip(convs, kernels(*inputs)):
+        flat = conv.codes @ csg.weight.T
+        torch.testing.assert_close(kernel, flat.view(conv.padded_shape)[
+            : conv.out_channels, : conv.in_channels // conv.groups])
+
+
 def test_the_model_holds_one_csg_and_every_generated_conv_uses_it():
     model = build_model("cifar_resnet8", 10, method="csg", slice=8, code=16)
     state = model.state_dict()
@@ -119,24 +139,14 @@ def test_binary_csg_stays_half_sign_and_frozen_while_codes_train():
     assert not torch.equal(generated_convs(model)[0].codes.detach(), codes)
 
 
-@torch.no_grad()
-def calibrate_batch_norm(model: nn.Module, size: int) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None                  # cumulative average
-    model.train()
-    model(torch.randn(4, 3, size, size))
-
-
 @pytest.mark.parametrize("arch,size", [("cifar_resnet8", 8), ("cifar_densenet_bc_40_36", 8),
                                        ("cifar_mobilenet_v2", 8), ("cifar_shufflenet_v2_x0_5", 8),
                                        ("resnet50", 32)])
 def test_export_materialises_plain_convs_with_the_same_outputs(arch, size):
     torch.manual_seed(0)
     model = build_model(arch, 10, method="csg")
-    calibrate_batch_norm(model, size)      # eval-mode outputs of the scale of a trained model
-    exported = get_method("csg").export(model.eval())
+    calibrate_batch_norm(model, torch.randn(4, 3, size, size))
+    exported = get_method("csg").export(model)
     assert not generated_convs(exported) and not hasattr(exported, "csg")
     assert not exported._forward_pre_hooks
     baseline = build_model(arch, 10)

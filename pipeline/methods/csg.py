@@ -29,8 +29,12 @@ reference include it.
 **Kernel generation per step.** ``attach_generator`` registers the CSG once on the model (the
 generated convs hold an unregistered reference, so a state_dict holds one copy) and a forward
 pre-hook on the model that generates every generated conv's kernel with one matrix product:
-``codes_all = cat(codes of every conv)``, ``flat_all = codes_all Wᵀ``, split by conv. Each conv
-consumes its kernel once; a conv called outside a model forward generates its own.
+``codes_all = cat(live codes of every conv)``, ``flat_all = codes_all Wᵀ``, split by conv. Dead
+codes take no part in it. The backward (``_GenerateKernels``) writes every kernel gradient into
+one ``grad_flat`` buffer, zero only in the crop padding, and takes ∂codes = grad_flat W and
+∂W = grad_flatᵀ codes_all as two products; left to autograd, the per-conv crops, views and the
+split each materialised a zero-filled padded gradient and cost three times the products. Each
+conv consumes its kernel once; a conv called outside a model forward generates its own.
 
 **Inference** (``materialize``): every kernel is generated once into a plain ``nn.Conv2d``; the
 CSG, the codes and the hook are dropped, so the exported model is the baseline architecture.
@@ -76,15 +80,14 @@ class ConvSliceGenerator(nn.Module):
         self.weight.requires_grad_(False)
         self.binary = True
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return F.linear(codes, self.weight)
+    def kernels(self, convs: list[GeneratedConv2d]) -> tuple[torch.Tensor, ...]:
+        """The kernels of ``convs`` from one matrix product."""
+        return _GenerateKernels.apply(self.weight, convs, *(conv.codes for conv in convs))
 
     def generate_kernels(self, model: nn.Module, args: tuple) -> None:
         """Forward pre-hook of the model: every attached conv's kernel from one matmul."""
-        flat = self(torch.cat([conv.codes for conv in self._convs]))
-        sizes = [conv.codes.shape[0] for conv in self._convs]
-        for conv, part in zip(self._convs, flat.split(sizes)):
-            conv.pending_kernel = conv.kernel_from(part)
+        for conv, kernel in zip(self._convs, self.kernels(self._convs)):
+            conv.pending_kernel = kernel
 
     def extra_repr(self) -> str:
         s, k = self.slice_size, self.kernel_size
@@ -119,16 +122,35 @@ class GeneratedConv2d(nn.Module):
         cols = math.ceil(in_channels // groups / s)
         self.padded_shape = (rows * s, cols * s, k, k)
         self.codes = nn.Parameter(torch.randn(rows * cols, generator.code_size))
+        # the codes reaching the first C_out padded rows (a prefix); the rest generate only
+        # cropped rows and are left out of the product
+        self.live_entries = out_channels * cols * s * k * k
+        self.live_codes = math.ceil(self.live_entries / (s * s * k * k))
         object.__setattr__(self, "generator", generator)  # bypass submodule registration
         self.pending_kernel: torch.Tensor | None = None
 
+    def _kept_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The first C_out rows of the padded kernel, from the flat slices of the live codes."""
+        return flat.view(-1)[: self.live_entries].view(self.out_channels,
+                                                       *self.padded_shape[1:])
+
     def kernel_from(self, flat: torch.Tensor) -> torch.Tensor:
-        """Crop of the row-major reshape of the generated slices."""
-        return flat.view(self.padded_shape)[: self.out_channels,
-                                            : self.in_channels // self.groups]
+        """Crop of the row-major reshape of the generated slices (live codes only)."""
+        return self._kept_rows(flat)[:, : self.in_channels // self.groups]
+
+    def gradient_into(self, grad_flat: torch.Tensor, grad_kernel: torch.Tensor | None) -> None:
+        """Write ∂kernel into the live codes' flat slices, zeros wherever the crop discards."""
+        c_in = self.in_channels // self.groups
+        rows = self._kept_rows(grad_flat)
+        if grad_kernel is None:
+            rows[:, :c_in].zero_()
+        else:
+            rows[:, :c_in].copy_(grad_kernel)
+        rows[:, c_in:].zero_()
+        grad_flat.view(-1)[self.live_entries:].zero_()
 
     def kernel(self) -> torch.Tensor:
-        return self.kernel_from(self.generator(self.codes))
+        return self.generator.kernels([self])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, self.pending_kernel = self.pending_kernel, None
@@ -147,6 +169,37 @@ class GeneratedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, codes={tuple(self.codes.shape)}")
+
+
+class _GenerateKernels(torch.autograd.Function):
+    """flat_all = codes_all Wᵀ over the live codes of ``convs``; one kernel per conv."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, convs: list[GeneratedConv2d],
+                *codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        codes_all = torch.cat([c[: conv.live_codes] for conv, c in zip(convs, codes)])
+        flat = F.linear(codes_all, weight)
+        ctx.convs = convs
+        ctx.save_for_backward(weight, codes_all)
+        sizes = [conv.live_codes for conv in convs]
+        return tuple(conv.kernel_from(part).contiguous()
+                     for conv, part in zip(convs, flat.split(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grad_kernels: torch.Tensor | None):
+        weight, codes_all = ctx.saved_tensors
+        convs = ctx.convs
+        grad_flat = weight.new_empty(codes_all.shape[0], weight.shape[0])
+        parts = grad_flat.split([conv.live_codes for conv in convs])
+        for conv, part, grad_kernel in zip(convs, parts, grad_kernels):
+            conv.gradient_into(part, grad_kernel)
+        grad_weight = grad_flat.t() @ codes_all if ctx.needs_input_grad[0] else None
+        grad_codes = []
+        for conv, part in zip(convs, (grad_flat @ weight).split([c.live_codes for c in convs])):
+            grad = part.new_zeros(conv.codes.shape)    # dead codes: no gradient
+            grad[: conv.live_codes] = part
+            grad_codes.append(grad)
+        return grad_weight, None, *grad_codes
 
 
 def generated_convs(model: nn.Module) -> list[GeneratedConv2d]:

@@ -104,3 +104,21 @@ class InhibitedChannels:
                 totals[1] += key_sums.numel()
         return {f"inhibited/{stage}": below / total
                 for stage, (below, total) in inhibited.items()}
+
+
+@torch.no_grad()
+def calibrate_batch_norm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of the batch ``x`` and return the model
+    in eval mode: an untrained model then gives outputs of a trained model's scale (at
+    initialisation eval-mode activations grow with depth, to inf and NaN in deep ResNets, which
+    makes timings and comparisons meaningless)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                  # cumulative average: exactly this batch's statistics
+    model.train()
+    model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
