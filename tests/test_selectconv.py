@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods import get_method
-from pipeline.methods.selectconv import (SelectConv, SelectiveConv2d, effective_params,
+from pipeline.methods.selectconv import (CopySlots, SelectConv, SelectiveConv2d, effective_params,
                                          epoch_generator, selective_units)
 from pipeline.models.cifar_densenet import CifarDenseNet
 from pipeline.models.registry import build_model
@@ -282,3 +282,11 @@ def test_options_are_validated():
         get_method("selectconv", n_max=0)
     with pytest.raises(ValueError, match="K"):
         get_method("selectconv", K=3)
+
+
+def test_copy_slots_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.double, requires_grad=True)
+    offset = (0.3 * torch.randn(3, 2, dtype=torch.double)).requires_grad_()
+    dst, src = torch.tensor([1, 3, 4]), torch.tensor([0, 0, 2])   # a repeated source
+    assert torch.autograd.gradcheck(CopySlots.apply, (x, offset, dst, src))

@@ -96,21 +96,23 @@ def test_killed_run_resumes_into_the_same_mlflow_run(pipeline_cli, digits_root):
 
 def test_sigterm_checkpoints_and_exits_resumable(pipeline_cli, digits_root):
     args = ["train", BASELINE, f"data.root={digits_root}", "model.name=cifar_resnet8",
-            "schedule.epochs=2", "data.batch_size=16", "checkpoint.every_minutes=0"]
+            "schedule.epochs=3", "data.batch_size=16",
+            "checkpoint.every_minutes=0.01"]  # a checkpoint after (almost) every step
     proc = pipeline_cli.popen(*args)
-    run_dir = pipeline_cli.cwd / "runs" / "digits-baseline"
+    ckpt_dir = pipeline_cli.cwd / "runs" / "digits-baseline" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not (run_dir / "config.yaml").is_file() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # inside epoch 1
+    # signal once training is under way: a wall-clock wait races an epoch on an idle machine
+    while not (ckpt_dir / "index.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr[-3000:]
-    state = torch.load(next((run_dir / "checkpoints").glob("*/mp_rank_00_model_states.pt")),
-                       weights_only=False)
-    assert state["epoch"] == 0 and state["step_in_epoch"] > 0
+    latest = json.loads((ckpt_dir / "index.json").read_text())["tags"][-1]
+    state = torch.load(ckpt_dir / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["epoch"] < 3 and state["step_in_epoch"] > 0, latest   # stopped mid-epoch
     out = pipeline_cli.run(*args)
-    assert out.returncode == 0 and pipeline_cli.final(out.stdout)["epochs"] == 2
+    assert out.returncode == 0 and pipeline_cli.final(out.stdout)["epochs"] == 3
+    assert "resumed from" in out.stderr
 
 
 def _one_line_error(out, *fragments):

@@ -73,53 +73,52 @@ def expected_relu(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return scale * pdf + beta * cdf
 
 
-def translate(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Channel j of ``x`` [N, n, H, W] sampled at (u + offset[j, 0], v + offset[j, 1]).
+def shift_grid(offset: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The grid_sample grid [n, H, W, 2] sampling channel j at (u + offset[j, 0], v + offset[j, 1]).
 
-    ``offset`` [n, 2] is in normalised coordinates (−1…1 across the image, align_corners=True);
-    bilinear sampling, border padding. The grid is the identity grid of
-    ``affine_grid([[1, 0, ox], [0, 1, oy]])``, built directly; the n channels are one
-    grid_sample batch (with the images as its channels).
+    ``offset`` [n, 2] is in normalised coordinates (−1…1 across the image, align_corners=True):
+    the identity grid of ``affine_grid([[1, 0, ox], [0, 1, oy]])``, built directly.
     """
-    N, n, H, W = x.shape
-    u = torch.linspace(-1, 1, W, dtype=offset.dtype, device=offset.device)
-    v = torch.linspace(-1, 1, H, dtype=offset.dtype, device=offset.device)
-    identity = torch.stack(torch.broadcast_tensors(u.view(1, W), v.view(H, 1)), -1)
-    grid = identity + offset.view(n, 1, 1, 2)
-    moved = F.grid_sample(x.transpose(0, 1), grid.to(x.dtype), mode="bilinear",
-                          padding_mode="border", align_corners=True)
-    return moved.transpose(0, 1)
+    u = torch.linspace(-1, 1, width, dtype=offset.dtype, device=offset.device)
+    v = torch.linspace(-1, 1, height, dtype=offset.dtype, device=offset.device)
+    identity = torch.stack(torch.broadcast_tensors(u.view(1, width), v.view(height, 1)), -1)
+    return identity + offset.view(-1, 1, 1, 2)
+
+
+_BILINEAR, _BORDER = 0, 1          # grid_sampler_2d's interpolation and padding modes
 
 
 class CopySlots(torch.autograd.Function):
     """x with channels ``dst`` replaced by channels ``src`` translated by ``offset``.
 
-    One autograd node instead of gather → translate → scatter, so that the backward writes the
-    input gradient in one pass (clone, zero ``dst``, add the translated-back gradient at ``src``)
-    rather than allocating a zero gradient for the gather (index_add_, slow on CPU along the
-    channels) and summing two full-size gradients.
+    The n moved channels are one grid_sample batch (the images as its channels), bilinear,
+    border padding. One autograd node instead of gather → translate → scatter, so that the
+    backward calls grid_sample's backward once on the saved grid and writes the input gradient
+    in one pass (clone, zero ``dst``, add the translated-back gradient at ``src``) rather than
+    allocating a zero gradient for the gather (index_add_, slow on CPU along the channels) and
+    summing two full-size gradients.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor,
                 src: torch.Tensor) -> torch.Tensor:
-        source = x.index_select(1, src)
-        ctx.save_for_backward(source, offset, dst, src)
-        return x.index_copy(1, dst, translate(source, offset))
+        source = x.index_select(1, src).transpose(0, 1)
+        grid = shift_grid(offset, *x.shape[-2:]).to(x.dtype)
+        moved = torch.grid_sampler_2d(source, grid, _BILINEAR, _BORDER, True)
+        ctx.save_for_backward(source, grid, dst, src)
+        ctx.offset_dtype = offset.dtype
+        return x.index_copy(1, dst, moved.transpose(0, 1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        source, offset, dst, src = ctx.saved_tensors
+        source, grid, dst, src = ctx.saved_tensors
         need_x, need_offset = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need)
-                      for t, need in ((source, need_x), (offset, need_offset))]
-            moved = translate(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(moved, wanted, grad.index_select(1, dst))
-                     if wanted else ())
-        grad_x = _scatter_sum(grad.index_fill(1, dst, 0), src, next(grads)) if need_x else None
-        grad_offset = next(grads) if need_offset else None
+        grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+            grad.index_select(1, dst).transpose(0, 1), source, grid, _BILINEAR, _BORDER, True,
+            [need_x, need_offset])
+        grad_x = (_scatter_sum(grad.index_fill(1, dst, 0), src, grad_source.transpose(0, 1))
+                  if need_x else None)
+        grad_offset = grad_grid.sum((1, 2)).to(ctx.offset_dtype) if need_offset else None
         return grad_x, grad_offset, None, None
 
 
