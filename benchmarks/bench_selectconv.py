@@ -30,7 +30,7 @@ def reallocate_fraction(model: torch.nn.Module, fraction: float, seed: int = 0) 
 
 def run(quick: bool) -> list[dict]:
     batch, size = (16, 32) if quick else (64, 32)
-    repeats = 3 if quick else 10
+    repeats = 3 if quick else 20
     torch.manual_seed(0)
     baseline = build_model(ARCH, 10)
     fresh = build_model(ARCH, 10, method="selectconv")

@@ -102,7 +102,8 @@ class CopySlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor,
                 src: torch.Tensor) -> torch.Tensor:
-        source = x.index_select(1, src).transpose(0, 1)
+        # channel-major [n, N, H, W] and contiguous: grid_sample's backward is ~25% faster
+        source = x.transpose(0, 1).index_select(0, src)
         grid = shift_grid(offset, *x.shape[-2:]).to(x.dtype)
         moved = torch.grid_sampler_2d(source, grid, _BILINEAR, _BORDER, True)
         ctx.save_for_backward(source, grid, dst, src)
@@ -114,24 +115,25 @@ class CopySlots(torch.autograd.Function):
         source, grid, dst, src = ctx.saved_tensors
         need_x, need_offset = ctx.needs_input_grad[:2]
         grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-            grad.index_select(1, dst).transpose(0, 1), source, grid, _BILINEAR, _BORDER, True,
+            grad.transpose(0, 1).index_select(0, dst), source, grid, _BILINEAR, _BORDER, True,
             [need_x, need_offset])
-        grad_x = (_scatter_sum(grad.index_fill(1, dst, 0), src, grad_source.transpose(0, 1))
-                  if need_x else None)
+        grad_x = _scatter_sum(grad.index_fill(1, dst, 0), src, grad_source) if need_x else None
         grad_offset = grad_grid.sum((1, 2)).to(ctx.offset_dtype) if need_offset else None
         return grad_x, grad_offset, None, None
 
 
 def _scatter_sum(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """out[:, index[j]] += values[:, j] (repeated indices summed), in place.
+    """out[:, index[j]] += values[j] (repeated indices summed), in place; ``values`` is
+    channel-major [n, N, H, W].
 
-    The same as ``out.index_add_(1, index, values)``, whose CPU kernel along dim 1 costs about
-    as much as the rest of a 1×1 unit's step: the repeats are summed by a matmul with a one-hot
-    matrix and the few distinct channels written back with index_copy_.
+    The same as ``out.index_add_(1, index, values.transpose(0, 1))``, whose CPU kernel along
+    dim 1 costs about as much as the rest of a 1×1 unit's step: the repeats are summed by one
+    matrix product with a one-hot matrix and the few distinct channels written back with
+    index_copy_.
     """
     distinct, inverse = index.unique(return_inverse=True)
     onehot = F.one_hot(inverse, distinct.numel()).to(values.dtype)
-    summed = torch.einsum("nchw,cu->nuhw", values, onehot)
+    summed = (onehot.t() @ values.flatten(1)).view(-1, *values.shape[1:]).transpose(0, 1)
     return out.index_copy_(1, distinct, out.index_select(1, distinct) + summed)
 
 
