@@ -13,6 +13,7 @@ from benchmarks.common import emit, inference, median_seconds, train_step
 from pipeline.methods import get_method
 from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
                                      batch_shaping_loss, to_skipping)
+from pipeline.models.diagnostics import calibrate_batch_norm
 from pipeline.models.registry import build_model
 from pipeline.models.summary import count_macs
 
@@ -46,7 +47,7 @@ def _open_half_per_image(model: nn.Module) -> None:
 
 def bench_latency(arch: str, size: int, quick: bool) -> dict:
     torch.manual_seed(0)
-    dense = build_model(arch, 10).eval()
+    dense = calibrate_batch_norm(build_model(arch, 10), torch.randn(16, 3, size, size))
     gated = build_model(arch, 10, method="gated").eval()
     gated.load_state_dict(dense.state_dict(), strict=False)  # same convs, gates added
     _open_half_per_image(gated)
