@@ -80,10 +80,14 @@ class _ChannelMix(torch.autograd.Function):
     routes their gradients through this function. ``source``, when given, is ``(x_in, scale,
     shift)`` with x = x_in·scale + shift per channel (x the output of a BN that already saved
     its input x_in): backward then recomputes z from x_in instead of keeping a second copy.
+    The result is written into a fresh tensor of ``out_shape`` (x's shape), not returned as a
+    view of Y: the in-place ReLU after every CE in a ResNet would otherwise make autograd
+    rebuild the whole gradient through CopySlices (two full-size copies per block, ~8% of a
+    resnet50 step).
     """
 
     @staticmethod
-    def forward(ctx, z, source, mix_of_stats, *params):
+    def forward(ctx, z, source, out_shape, mix_of_stats, *params):
         length = z.shape[-1]
         s1 = z.sum(-1)
         gram = z @ z.transpose(-1, -2)
@@ -94,10 +98,13 @@ class _ChannelMix(torch.autograd.Function):
         ctx.save_for_backward(*(source or (z,)))
         ctx.z_shape = z.shape
         ctx.graph = (s1_leaf, gram_leaf, mix, params)
-        return mix.detach() @ z
+        y = z.new_empty(out_shape)
+        torch.matmul(mix.detach(), z, out=y.view(z.shape))
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
+        grad_y = grad_y.reshape(ctx.z_shape)
         saved = ctx.saved_tensors
         z = saved[0] if len(saved) == 1 else _affine(*saved, grad_y.dtype).view(ctx.z_shape)
         s1_leaf, gram_leaf, mix, params = ctx.graph
@@ -114,7 +121,7 @@ class _ChannelMix(torch.autograd.Function):
         sym = grad_gram + grad_gram.transpose(-1, -2)
         grad_z.flatten(0, 1).baddbmm_(sym.flatten(0, 1), z.flatten(0, 1))
         grad_z.add_(grad_s1[..., None])
-        return (grad_z, None, None,
+        return (grad_z, None, None, None,
                 *[next(param_grads) if p.requires_grad else None for p in params])
 
 
@@ -199,10 +206,10 @@ class ChannelEquilibrium(nn.Module):
             z = z.view(n, self.groups, self.d, h * w)
             if self.training:
                 params = tuple(self.gate.parameters()) + (self.theta,)
-                y = _ChannelMix.apply(z, source, self._mix_of_stats, *params)
+                y = _ChannelMix.apply(z, source, (n, c, h, w), self._mix_of_stats, *params)
             else:
-                y = self._eval_mix(z) @ z
-        return y.view(n, c, h, w).to(x.dtype)
+                y = (self._eval_mix(z) @ z).view(n, c, h, w)
+        return y.to(x.dtype)
 
     def _mix_of_stats(self, s1: torch.Tensor, gram: torch.Tensor, length: int) -> torch.Tensor:
         """Training: the per-sample map from the two reductions; updates the running values."""
