@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods import get_method
-from pipeline.methods.selectconv import (CopySlots, SelectConv, SelectiveConv2d, effective_params,
-                                         epoch_generator, selective_units)
+from pipeline.methods.selectconv import (CopySlots, FusedCopySlots, SelectConv, SelectiveConv2d,
+                                         copy_slots, effective_params, epoch_generator,
+                                         fused_cpu_kernels, selective_units)
 from pipeline.models.cifar_densenet import CifarDenseNet
 from pipeline.models.registry import build_model
 from pipeline.models.selective_nets import (cifar_preact_resnet, selective_torchvision_densenet,
@@ -284,9 +285,55 @@ def test_options_are_validated():
         get_method("selectconv", K=3)
 
 
-def test_copy_slots_gradient_matches_finite_differences():
+def needs_fused_kernels() -> None:
+    if fused_cpu_kernels() is None:
+        pytest.skip("the fused CPU kernels could not be built (no C++ compiler?)")
+
+
+@pytest.mark.parametrize("function", [CopySlots, FusedCopySlots])
+def test_copy_slots_gradient_matches_finite_differences(function):
+    if function is FusedCopySlots:
+        needs_fused_kernels()
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 7, dtype=torch.double, requires_grad=True)
     offset = (0.3 * torch.randn(3, 2, dtype=torch.double)).requires_grad_()
     dst, src = torch.tensor([1, 3, 4]), torch.tensor([0, 0, 2])   # a repeated source
-    assert torch.autograd.gradcheck(CopySlots.apply, (x, offset, dst, src))
+    assert torch.autograd.gradcheck(function.apply, (x, offset, dst, src))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_copy_matches_grid_sample(dtype):
+    needs_fused_kernels()
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 9, 11, dtype=dtype, requires_grad=True)
+    dst, src = torch.tensor([1, 4, 5, 6]), torch.tensor([2, 2, 0, 3])
+    # small shifts, and ones that leave the image (border padding, zero coordinate gradient);
+    # none integer: there a float32 grid may round to either side of the kink
+    offset = torch.tensor([[0.13, -0.27], [1.61, 0.05], [-0.41, -1.83], [2.4, 2.2]], dtype=dtype,
+                          requires_grad=True)
+    grad = torch.randn(3, 7, 9, 11, dtype=dtype)
+    results = []
+    for function in (CopySlots, FusedCopySlots):
+        out = function.apply(x, offset, dst, src)
+        results.append((out, *torch.autograd.grad(out, (x, offset), grad)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for reference, fused in zip(*results):
+        torch.testing.assert_close(fused, reference, atol=tol * reference.abs().max().item(), rtol=tol)
+
+
+def test_copy_falls_back_to_grid_sample_without_a_compiler(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++ not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    fused_cpu_kernels.cache_clear()
+    try:
+        x = torch.randn(2, 4, 5, 5, requires_grad=True)
+        offset, dst, src = torch.tensor([[0.2, -0.3]]), torch.tensor([3]), torch.tensor([1])
+        out = copy_slots(x, offset, dst, src)
+        assert "g++ not found" in caplog.text
+        assert type(out.grad_fn).__name__ == "CopySlotsBackward"
+    finally:
+        fused_cpu_kernels.cache_clear()

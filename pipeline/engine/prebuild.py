@@ -1,9 +1,11 @@
-"""Build DeepSpeed's just-in-time CPU extension once, at install time.
+"""Build the just-in-time CPU extensions once, at install time.
 
 On the CPU accelerator DeepSpeed compiles a shared-memory collective op into
-~/.cache/torch_extensions the first time a process group starts. Ranks that start together race
-for its lock, and a process killed while holding it leaves a lock that makes every later run wait
-forever; building it here, in one process, keeps training runs away from the compiler.
+~/.cache/torch_extensions the first time a process group starts, and selective convolution
+compiles its fused copy kernels the first time a model with copied channels runs on CPU. Ranks
+that start together race for the lock of such a build, and a process killed while holding it
+leaves a lock that makes every later run wait forever; building them here, in one process,
+keeps training runs away from the compiler.
 """
 import os
 
@@ -11,6 +13,9 @@ if __name__ == "__main__":
     import torch
 
     if not torch.cuda.is_available():
+        from pipeline.methods.selectconv import fused_cpu_kernels
+
+        fused_cpu_kernels()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.accelerator import get_accelerator
 

@@ -17,8 +17,10 @@ Forward, input x [N, C, H, W]:
 
 (sampling with border padding, ``align_corners=True``). Because ReLU(z)·m = ReLU(z·m) for
 m ∈ {0, 1}, the mask is folded into the BN affine (γ·m, β·m): the unit costs no more than a
-plain BN → ReLU → Conv until some slot is a copy, and then only the copied channels are
-gathered, translated in one batched ``grid_sample`` and written back.
+plain BN → ReLU → Conv until some slot is a copy. The copy itself is ``copy_slots``: on CPU
+fused C++ kernels (``csrc/copy_slots.cpp``, compiled on first use) that write the output and,
+backward, the gradients in one sweep each; on GPU, or without a compiler, the copied channels
+are gathered, translated in one batched ``grid_sample`` and written back (``CopySlots``).
 
 Expected channel damage, φ and Φ the standard normal pdf and cdf:
 
@@ -50,8 +52,11 @@ re-initialised entries is kept as it is by default, as the authors' code does
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,8 @@ from torch import nn
 
 from . import register_method
 from .base import Method
+
+log = logging.getLogger("pipeline.methods.selectconv")
 
 SHIFT_INIT = 1.5       # a new copy's shift is drawn from U(−1.5, 1.5)² (in shift units)
 EPS = 1e-8
@@ -122,6 +129,56 @@ class CopySlots(torch.autograd.Function):
         return grad_x, grad_offset, None, None
 
 
+class FusedCopySlots(torch.autograd.Function):
+    """``CopySlots`` through the fused CPU kernels of ``csrc/copy_slots.cpp``: the same values,
+    each pass one sweep over memory (no gathered, sampled and scattered intermediates).
+
+    The backward reads the source channels from the output, where they are unchanged (a source
+    is never a copied slot), so nothing beyond what the following BN keeps is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor,
+                src: torch.Tensor) -> torch.Tensor:
+        out = fused_cpu_kernels().forward(x, offset, dst, src)
+        ctx.save_for_backward(out, offset, dst, src)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, offset, dst, src = ctx.saved_tensors
+        grad_x, grad_offset = fused_cpu_kernels().backward(grad, out, offset, dst, src,
+                                                      *ctx.needs_input_grad[:2])
+        return grad_x, grad_offset, None, None
+
+
+@functools.cache
+def fused_cpu_kernels():
+    """The fused kernels, compiled on first use (about a minute; cached by torch in
+    ``$TORCH_EXTENSIONS_DIR``), or None where they cannot be built (no C++ compiler)."""
+    # importing cpp_extension on a machine without CUDA warns about CUDA_HOME: irrelevant here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    source = Path(__file__).with_name("csrc") / "copy_slots.cpp"
+    try:
+        return cpp_extension.load("pipeline_copy_slots", [str(source)],
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # a missing compiler or headers: the grid_sample path still works
+        log.warning("selectconv: fused CPU kernels unavailable (%s); using grid_sample",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+
+
+def copy_slots(x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+               fused: bool = True) -> torch.Tensor:
+    """x with channels ``dst`` replaced by channels ``src`` translated by ``offset``: the fused
+    kernels on CPU (unless ``fused`` is False), grid_sample elsewhere."""
+    if fused and x.device.type == "cpu" and fused_cpu_kernels() is not None:
+        return FusedCopySlots.apply(x, offset, dst, src)
+    return CopySlots.apply(x, offset, dst, src)
+
+
 def _scatter_sum(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out[:, index[j]] += values[j] (repeated indices summed), in place; ``values`` is
     channel-major [n, N, H, W].
@@ -163,6 +220,8 @@ class SelectiveConv2d(nn.Module):
         self.register_buffer("copy_dst", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("copy_src", torch.zeros(0, dtype=torch.long), persistent=False)
         self.num_copies = 0
+        # False forces the grid_sample copy on CPU too (the reference the kernels are tested on)
+        self.fused_kernels = True
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @property
@@ -178,7 +237,7 @@ class SelectiveConv2d(nn.Module):
         if self.num_copies:
             H, W = x.shape[-2:]
             offset = self.shift[self.copy_dst] / ((H + W) / 4)
-            x = CopySlots.apply(x, offset, self.copy_dst, self.copy_src)
+            x = copy_slots(x, offset, self.copy_dst, self.copy_src, self.fused_kernels)
         norm, momentum = self.norm, self.norm.momentum
         if self.training:
             norm.num_batches_tracked.add_(1)
