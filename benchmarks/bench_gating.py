@@ -1,6 +1,7 @@
 """Channel gating benchmarks: training-step cost of the gates and losses, batch-1 latency of
 skipping inference against the dense model at the measured dynamic-MAC ratio, and the
-batch-shaping loss alone against a SciPy-on-host evaluation (the authors' way)."""
+batch-shaping loss alone (the fused CPU kernel and the torch ops of the GPU path) against a
+SciPy-on-host evaluation (the authors' way)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 from benchmarks.common import emit, inference, median_seconds, train_step
 from pipeline.methods import get_method
+from pipeline.methods.extensions import cpu_extension
 from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
                                      batch_shaping_loss, to_skipping)
 from pipeline.models.diagnostics import calibrate_batch_norm
@@ -97,15 +99,21 @@ def bench_loss(quick: bool) -> dict:
     def ours() -> None:
         batch_shaping_loss(p, prior).backward()
 
+    def torch_ops() -> None:   # the path that runs on GPU, here on CPU
+        batch_shaping_loss(p, prior, fused=False).backward()
+
     def reference() -> None:
         _scipy_on_host_loss(p, 0.6, 0.4).backward()
 
-    times = median_seconds({"ours": ours, "scipy_host": reference}, repeats=10 if quick else 30)
+    times = median_seconds({"ours": ours, "torch_ops": torch_ops, "scipy_host": reference},
+                           repeats=10 if quick else 30)
     value, expected = batch_shaping_loss(p, prior).item(), _scipy_on_host_loss(p, 0.6, 0.4).item()
     cdf_error = (prior.cdf(p.detach()).double()
                  - torch.from_numpy(betainc(0.6, 0.4, p.detach().double().numpy()))).abs().max()
     return {"bench": "gating/batch_shaping_loss", "shape": [256, 512],
             "threads": torch.get_num_threads(), "ours_fwd_bwd_s": times["ours"],
+            "kernel": "fused" if cpu_extension("batch_shaping") else "torch_ops",
+            "torch_ops_fwd_bwd_s": times["torch_ops"],
             "scipy_host_fwd_bwd_s": times["scipy_host"],
             "speedup": times["scipy_host"] / times["ours"],
             "cdf_max_abs_error_vs_scipy": float(cdf_error),

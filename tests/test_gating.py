@@ -11,6 +11,7 @@ from scipy.stats import beta as beta_dist
 from torch import nn
 
 from pipeline.methods import get_method
+from pipeline.methods.extensions import cpu_extension
 from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
                                      batch_shaping_loss, binary_concrete, to_skipping)
 from pipeline.models.registry import build_model
@@ -42,11 +43,22 @@ def test_beta_cdf_matches_scipy(prior):
     assert np.allclose(pdf, beta_dist.pdf([0.1, 0.5, 0.9], A, B), rtol=1e-10)
 
 
-def test_loss_value_and_gradient(prior):
+# fused: the CPU kernel of csrc/batch_shaping.cpp; False: the torch ops that run on GPU
+PATHS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+
+
+def needs_kernel(fused: bool) -> None:
+    if fused and cpu_extension("batch_shaping") is None:
+        pytest.skip("the fused CPU kernel could not be built (no C++ compiler?)")
+
+
+@PATHS
+def test_loss_value_and_gradient(prior, fused):
+    needs_kernel(fused)
     rng = np.random.default_rng(1)
     p_np = rng.uniform(0.05, 0.95, size=(24, 7))  # densities inside the clip range
     p = torch.tensor(p_np, dtype=torch.float32, requires_grad=True)
-    loss = batch_shaping_loss(p, prior)
+    loss = batch_shaping_loss(p, prior, fused=fused)
     assert loss.item() == pytest.approx(reference_loss(p.detach().double().numpy()), abs=1e-6)
     loss.backward()
     # Central finite differences of the independent loss.
@@ -61,14 +73,33 @@ def test_loss_value_and_gradient(prior):
     assert np.abs(p.grad.double().numpy() - numeric).max() < 1e-5
 
 
-def test_loss_gradient_uses_clipped_density(prior):
+@PATHS
+def test_loss_gradient_uses_clipped_density(prior, fused):
+    needs_kernel(fused)
     p = torch.tensor([[1e-12], [0.3], [0.7], [1.0 - 1e-7]], requires_grad=True)
-    batch_shaping_loss(p, prior).backward()
+    batch_shaping_loss(p, prior, fused=fused).backward()
     sorted_p = p.detach().double().numpy()[:, 0]
     error = np.arange(1, 5) / 5 - beta_dist.cdf(sorted_p, A, B)
     density = np.clip(beta_dist.pdf(sorted_p, A, B), 1e-3, 100)
     expected = -2 / 4 * density * error
     assert np.allclose(p.grad.numpy()[:, 0], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_and_torch_losses_agree_with_ties_and_ends(prior):
+    needs_kernel(True)
+    torch.manual_seed(0)
+    p = torch.sigmoid(2 * torch.randn(256, 64))
+    p[:5, 0], p[5:9, 1], p[10:20, 2] = 1.0, 0.0, 0.3     # the ends, and ties
+    results = []
+    for fused in (True, False):
+        leaf = p.clone().requires_grad_()
+        loss = batch_shaping_loss(leaf, prior, fused=fused)
+        loss.backward()
+        results.append((loss.item(), leaf.grad))
+    (fused_loss, fused_grad), (torch_loss, torch_grad) = results
+    assert fused_loss == pytest.approx(torch_loss, rel=1e-5)
+    torch.testing.assert_close(fused_grad, torch_grad, rtol=1e-4,
+                               atol=1e-4 * torch_grad.abs().max().item())
 
 
 def test_gate_probability_is_sigmoid_of_logit():

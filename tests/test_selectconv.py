@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods import get_method
+from pipeline.methods.extensions import cpu_extension
 from pipeline.methods.selectconv import (CopySlots, FusedCopySlots, SelectConv, SelectiveConv2d,
                                          copy_slots, effective_params, epoch_generator,
                                          fused_cpu_kernels, selective_units)
@@ -328,7 +329,7 @@ def test_copy_falls_back_to_grid_sample_without_a_compiler(monkeypatch, caplog):
         raise RuntimeError("Error building extension: g++ not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    fused_cpu_kernels.cache_clear()
+    cpu_extension.cache_clear()
     try:
         x = torch.randn(2, 4, 5, 5, requires_grad=True)
         offset, dst, src = torch.tensor([[0.2, -0.3]]), torch.tensor([3]), torch.tensor([1])
@@ -336,4 +337,4 @@ def test_copy_falls_back_to_grid_sample_without_a_compiler(monkeypatch, caplog):
         assert "g++ not found" in caplog.text
         assert type(out.grad_fn).__name__ == "CopySlotsBackward"
     finally:
-        fused_cpu_kernels.cache_clear()
+        cpu_extension.cache_clear()

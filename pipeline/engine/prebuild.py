@@ -13,9 +13,9 @@ if __name__ == "__main__":
     import torch
 
     if not torch.cuda.is_available():
-        from pipeline.methods.selectconv import fused_cpu_kernels
+        from pipeline.methods.extensions import build_all
 
-        fused_cpu_kernels()
+        build_all()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.accelerator import get_accelerator
 

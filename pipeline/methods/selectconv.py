@@ -52,11 +52,8 @@ re-initialised entries is kept as it is by default, as the authors' code does
 from __future__ import annotations
 
 import copy
-import functools
-import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +61,7 @@ from torch import nn
 
 from . import register_method
 from .base import Method
-
-log = logging.getLogger("pipeline.methods.selectconv")
+from .extensions import cpu_extension
 
 SHIFT_INIT = 1.5       # a new copy's shift is drawn from U(−1.5, 1.5)² (in shift units)
 EPS = 1e-8
@@ -152,22 +148,9 @@ class FusedCopySlots(torch.autograd.Function):
         return grad_x, grad_offset, None, None
 
 
-@functools.cache
 def fused_cpu_kernels():
-    """The fused kernels, compiled on first use (about a minute; cached by torch in
-    ``$TORCH_EXTENSIONS_DIR``), or None where they cannot be built (no C++ compiler)."""
-    # importing cpp_extension on a machine without CUDA warns about CUDA_HOME: irrelevant here
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
-    source = Path(__file__).with_name("csrc") / "copy_slots.cpp"
-    try:
-        return cpp_extension.load("pipeline_copy_slots", [str(source)],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # a missing compiler or headers: the grid_sample path still works
-        log.warning("selectconv: fused CPU kernels unavailable (%s); using grid_sample",
-                    str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return None
+    """The compiled ``csrc/copy_slots.cpp``, or None where it cannot be built."""
+    return cpu_extension("copy_slots")
 
 
 def copy_slots(x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
