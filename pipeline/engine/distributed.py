@@ -36,13 +36,13 @@ def _free_port() -> int:
 
 
 def _clear_stale_extension_locks(max_age_minutes: float = 10.0) -> None:
-    """DeepSpeed's CPU accelerator loads a JIT-compiled op at start-up under a lock file in the
-    torch extensions directory; a process killed while holding it leaves the lock behind and
-    every later start waits on it forever. A build takes well under a minute, so a lock older
-    than ``max_age_minutes`` is stale."""
+    """DeepSpeed's CPU accelerator and the methods' fused CPU kernels load JIT-compiled ops
+    under a lock file in the torch extensions directory; a process killed while holding it
+    leaves the lock behind and every later start waits on it forever. A build takes about a
+    minute, so a lock older than ``max_age_minutes`` is stale."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR",
                                Path.home() / ".cache" / "torch_extensions"))
-    for lock in root.glob("*/deepspeed_*/lock"):
+    for lock in [*root.glob("*/deepspeed_*/lock"), *root.glob("*/pipeline_*/lock")]:
         try:
             if time.time() - lock.stat().st_mtime > max_age_minutes * 60:
                 lock.unlink()
