@@ -8,6 +8,7 @@ Augmentation randomness: workers are seeded from the pass seed when they start; 
 """
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import numpy as np
@@ -78,12 +79,20 @@ class TorchSource:
             ImageFiles(files, labels, recipe_transform(recipe, train)), batch_size=batch_size,
             sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
             pin_memory=device.type == "cuda", generator=self.generator)
+        self.workers_started = workers == 0
 
     def batches(self, indices: np.ndarray, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.indices = indices.tolist()
         self.generator.manual_seed(seed)
         if not self.sampler.indices:
             return
+        if not self.workers_started:
+            # The workers fork on the first pass. Garbage that owns native threads (a DALI
+            # pipeline that raised, still held in a traceback cycle) must be freed here first:
+            # collected in a forked worker, its destructor waits for threads the fork did not
+            # copy, and the worker hangs.
+            gc.collect()
+            self.workers_started = True
         try:
             for images, labels in self.loader:
                 yield (images.to(self.device, non_blocking=True),
