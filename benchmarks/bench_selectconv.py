@@ -10,7 +10,8 @@ import copy
 import torch
 
 from benchmarks.common import emit, median_seconds, train_step
-from pipeline.methods.selectconv import fused_cpu_kernels, epoch_generator, selective_units
+from pipeline.methods.extensions import cpu_extension
+from pipeline.methods.selectconv import epoch_generator, selective_units
 from pipeline.models.registry import build_model
 
 ARCH = "cifar_densenet40"
@@ -57,7 +58,7 @@ def run(quick: bool) -> list[dict]:
         {"bench": "selectconv_step_ratio", "state": "20pct_reallocated", **common,
          "copied_channels": copies, "method_s": times["selectconv_20pct"],
          "ratio": times["selectconv_20pct"] / times["baseline"], "target": 1.20,
-         "authors": 1.47, "kernels": "fused" if fused_cpu_kernels() else "grid_sample",
+         "authors": 1.47, "kernels": "fused" if cpu_extension("copy_slots") else "grid_sample",
          "grid_sample_ratio": times["selectconv_20pct_grid_sample"] / times["baseline"]},
     ]
 

@@ -13,7 +13,7 @@ from pipeline.methods import get_method
 from pipeline.methods.extensions import cpu_extension
 from pipeline.methods.selectconv import (CopySlots, FusedCopySlots, SelectConv, SelectiveConv2d,
                                          copy_slots, effective_params, epoch_generator,
-                                         fused_cpu_kernels, selective_units)
+                                         selective_units)
 from pipeline.models.cifar_densenet import CifarDenseNet
 from pipeline.models.registry import build_model
 from pipeline.models.selective_nets import (cifar_preact_resnet, selective_torchvision_densenet,
@@ -287,7 +287,7 @@ def test_options_are_validated():
 
 
 def needs_fused_kernels() -> None:
-    if fused_cpu_kernels() is None:
+    if cpu_extension("copy_slots") is None:
         pytest.skip("the fused CPU kernels could not be built (no C++ compiler?)")
 
 

@@ -1,8 +1,8 @@
 """Build the just-in-time CPU extensions once, at install time.
 
 On the CPU accelerator DeepSpeed compiles a shared-memory collective op into
-~/.cache/torch_extensions the first time a process group starts, and selective convolution
-compiles its fused copy kernels the first time a model with copied channels runs on CPU. Ranks
+~/.cache/torch_extensions the first time a process group starts, and the methods' fused CPU
+kernels (pipeline/methods/csrc) compile the first time they run. Ranks
 that start together race for the lock of such a build, and a process killed while holding it
 leaves a lock that makes every later run wait forever; building them here, in one process,
 keeps training runs away from the compiler.

@@ -136,28 +136,23 @@ class FusedCopySlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor,
                 src: torch.Tensor) -> torch.Tensor:
-        out = fused_cpu_kernels().forward(x, offset, dst, src)
+        out = cpu_extension("copy_slots").forward(x, offset, dst, src)
         ctx.save_for_backward(out, offset, dst, src)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, offset, dst, src = ctx.saved_tensors
-        grad_x, grad_offset = fused_cpu_kernels().backward(grad, out, offset, dst, src,
-                                                      *ctx.needs_input_grad[:2])
+        grad_x, grad_offset = cpu_extension("copy_slots").backward(
+            grad, out, offset, dst, src, *ctx.needs_input_grad[:2])
         return grad_x, grad_offset, None, None
-
-
-def fused_cpu_kernels():
-    """The compiled ``csrc/copy_slots.cpp``, or None where it cannot be built."""
-    return cpu_extension("copy_slots")
 
 
 def copy_slots(x: torch.Tensor, offset: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
                fused: bool = True) -> torch.Tensor:
     """x with channels ``dst`` replaced by channels ``src`` translated by ``offset``: the fused
     kernels on CPU (unless ``fused`` is False), grid_sample elsewhere."""
-    if fused and x.device.type == "cpu" and fused_cpu_kernels() is not None:
+    if fused and x.device.type == "cpu" and cpu_extension("copy_slots") is not None:
         return FusedCopySlots.apply(x, offset, dst, src)
     return CopySlots.apply(x, offset, dst, src)
 

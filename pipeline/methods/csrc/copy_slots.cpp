@@ -55,19 +55,22 @@ std::vector<Shift<T>> shift_tables(const at::Tensor& offset, int64_t H, int64_t 
   return tables;
 }
 
+// row = r0 + wy (r1 − r0): the two source rows of an output row, blended along y.
+template <typename scalar_t, typename T>
+void blend_rows(const scalar_t* r0, const scalar_t* r1, T wy, int64_t W, T* row) {
+  for (int64_t k = 0; k < W; ++k) {
+    const T a = static_cast<T>(r0[k]);
+    row[k] = a + wy * (static_cast<T>(r1[k]) - a);
+  }
+}
+
 // out[i, k] = row_i(lo[k]) + wx[k] (row_i(hi[k]) − row_i(lo[k])), row_i = rows y.lo[i], y.hi[i]
 // blended by y.w[i]; `row` is a scratch buffer of W entries.
 template <typename scalar_t, typename T>
 void translate_plane(const scalar_t* in, scalar_t* out, const Shift<T>& s, int64_t H,
                      int64_t W, T* row) {
   for (int64_t i = 0; i < H; ++i) {
-    const scalar_t* r0 = in + s.y.lo[i] * W;
-    const scalar_t* r1 = in + s.y.hi[i] * W;
-    const T wy = s.y.w[i];
-    for (int64_t k = 0; k < W; ++k) {
-      const T a = static_cast<T>(r0[k]);
-      row[k] = a + wy * (static_cast<T>(r1[k]) - a);
-    }
+    blend_rows(in + s.y.lo[i] * W, in + s.y.hi[i] * W, s.y.w[i], W, row);
     scalar_t* o = out + i * W;
     for (int64_t k = 0; k < W; ++k) {
       const T a = row[s.x.lo[k]];
@@ -121,10 +124,7 @@ void adjoint_plane(const scalar_t* g, const scalar_t* in, scalar_t* gin, const S
       const scalar_t* r0 = in + y0 * W;
       const scalar_t* r1 = in + y1 * W;
       T along_y = 0;
-      for (int64_t k = 0; k < W; ++k) {
-        const T a = static_cast<T>(r0[k]);
-        row[k] = a + wy * (static_cast<T>(r1[k]) - a);
-      }
+      blend_rows(r0, r1, wy, W, row);
       for (int64_t k = 0; k < W; ++k) {
         const int64_t x0 = s.x.lo[k], x1 = s.x.hi[k];
         const T wx = s.x.w[k], gk = static_cast<T>(gi[k]);
