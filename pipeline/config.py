@@ -35,6 +35,25 @@ class DataConfig:
     val_batch_size: int = 0                # per rank; 0 = batch_size
     workers: int = 2                       # decoding threads (DALI) / worker processes
     on_corrupt: str = "fail"               # fail (name the file) | skip (count and log it)
+    prefetch: int = 2                      # DALI prefetch queue depth (batches ahead)
+    pin_memory: Optional[bool] = None      # torchvision batches in pinned memory; null = with CUDA
+    # Dataset layout: imagenet (ROOT/{train,val}/<class>/<image>) | cityscapes | voc
+    layout: str = "imagenet"
+    # Segmentation (task: segmentation): random rescale of the whole image by a factor in
+    # scale_range (keeping its aspect ratio), then a crop_size [height, width] crop (image padded
+    # 0, label padded 255) and a flip; photometric distortion optional.
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    photometric: bool = False
+    voc_train_list: str = "train"          # VOC: ImageSets/Segmentation/<list>.txt
+
+
+@dataclass
+class SegmentationConfig:
+    aux_weight: float = 0.4                # loss = CE(out) + aux_weight · CE(aux), ignore 255
+    val_mode: str = "whole"                # whole (full image) | slide (crop windows)
+    crop: list[int] = field(default_factory=lambda: [512, 1024])     # slide window [h, w]
+    stride: list[int] = field(default_factory=lambda: [341, 682])    # slide step [h, w]
 
 
 @dataclass
@@ -66,6 +85,9 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "cosine"                   # constant | step | multistep | cosine | poly
     epochs: int = 10
+    # >0: the budget is this many optimizer steps instead of `epochs` (epochs then roll over
+    # as the data runs out; warm-up and milestones stay in epochs, fractional allowed)
+    iterations: int = 0
     warmup_epochs: float = 0.0             # linear warm-up from warmup_start × lr
     warmup_start: float = 0.0
     milestones: list[float] = field(default_factory=list)   # multistep, in epochs
@@ -85,6 +107,12 @@ class EngineConfig:
     sync_bn: bool = False                  # nn.SyncBatchNorm (CUDA only)
     seed: int = 0
     eval_every: int = 1                    # epochs
+    eval_every_iterations: int = 0         # >0: evaluate every this many optimizer steps
+    sync_every: int = 50                   # optimizer steps between host reads of the loop's
+                                           # device values (stop vote, metrics): a stop request
+                                           # is honoured within this many steps
+    channels_last: Optional[bool] = None   # NHWC memory format; null = on with CUDA
+    compile: bool = False                  # torch.compile the model
     log_every: int = 10                    # steps between train-metric logs
     max_steps_per_epoch: int = 0           # >0: truncate epochs (smoke runs)
     inhibited_threshold: float = 1e-2      # inhibited-channel diagnostic: mean post-ReLU below
@@ -94,8 +122,10 @@ class EngineConfig:
 class CheckpointConfig:
     dir: str = ""                          # "" = runs/<run name>/checkpoints
     every_minutes: float = 30.0            # also checkpoint mid-epoch this often; 0 = off
+    every_iterations: int = 0              # >0: also checkpoint every this many optimizer steps
     keep_last: int = 2
     resume: str = "auto"                   # auto (latest in dir, if any) | none | <tag dir>
+    allow_changes: list[str] = field(default_factory=list)  # config keys a resume may change
 
 
 @dataclass
@@ -108,9 +138,11 @@ class TrackingConfig:
 
 @dataclass
 class Config:
+    task: str = "classification"           # classification | segmentation
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -121,6 +153,9 @@ class Config:
 
 
 CHOICES = {
+    "task": ("classification", "segmentation"),
+    "data.layout": ("imagenet", "cityscapes", "voc"),
+    "segmentation.val_mode": ("whole", "slide"),
     "data.backend": ("dali", "torchvision"),
     "data.recipe": ("imagenet", "cifar"),
     "data.on_corrupt": ("fail", "skip"),

@@ -89,7 +89,13 @@ def build_loaders(cfg_data, *, rank: int, world_size: int, seed: int,
 
     ``cfg_data`` is the ``data`` section of the config (DataConfig fields). A CUDA ``device``
     selects the GPU path (DALI ``mixed`` decoding on that device; pinned torchvision batches).
+    ``data.layout`` ``cityscapes`` / ``voc`` give segmentation loaders of the same interface
+    (``pipeline.data.segmentation``), whose targets are ``[N, H, W]`` train-id maps.
     """
+    if getattr(cfg_data, "layout", "imagenet") != "imagenet":
+        from pipeline.data.segmentation import build_segmentation_loaders
+        return build_segmentation_loaders(cfg_data, rank=rank, world_size=world_size, seed=seed,
+                                          device=device)
     if cfg_data.backend not in BACKENDS:
         raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {cfg_data.backend!r}")
     if not 0 <= rank < world_size:
