@@ -2,7 +2,12 @@
 
 Blocks use torchvision's attribute names (conv1, bn1, relu, conv2, bn2, downsample) so that a
 method converting torchvision ResNets converts these too. The shortcut that changes shape is
-parameter-free: subsample by 2, zero-pad the new channels (option A).
+parameter-free (option A): subsample by 2, then the new channels appended after x as zeros,
+[x, 0]. That is the placement of every reference that has option A: He et al.'s Torch ResNets
+(fb.resnet.torch: Concat(Identity, MulConstant(0))), the CSG authors' CIFAR ResNets
+(``DownsampleA``: cat(x, x·0)) and the selective-convolution ResNet-164 (cat(x, zeros)); the
+[0, x, 0] split of some re-implementations matches none of them, so a model with the same
+weights would compute other logits from the first widening block on.
 """
 from __future__ import annotations
 
@@ -21,18 +26,21 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+def zero_pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The identity of a widening block: x, then channels − C zero channels appended, [x, 0]."""
+    return F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
+
+
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: stride-2 subsampling, new channels zero-padded on both sides."""
+    """Option-A shortcut: stride subsampling, then the new channels appended as zeros."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.stride = stride
-        extra = out_channels - in_channels
-        self.pad = (extra // 2, extra - extra // 2)
+        self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, *self.pad))
+        return zero_pad_channels(x[:, :, :: self.stride, :: self.stride], self.out_channels)
 
 
 class BasicBlock(nn.Module):

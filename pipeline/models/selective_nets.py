@@ -20,13 +20,13 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
 from ..methods.selectconv import SelectiveConv2d
 from .cifar_densenet import (CIFAR_DENSENETS, BnReluConv, CifarDenseNet, PreActNet,
                              bn_relu_conv)
+from .cifar_resnet import zero_pad_channels
 from .registry import register_model
 
 Unit = Callable[[int, int, int, str], nn.Module]
@@ -38,11 +38,6 @@ SELECTIVE_K = {"bottleneck": 3, "transition": 3, "reduce": 3, "expand": 3, "conv
 def selective_unit(in_channels: int, out_channels: int, kernel_size: int,
                    role: str) -> nn.Module:
     return SelectiveConv2d(in_channels, out_channels, kernel_size, K=SELECTIVE_K[role])
-
-
-def zero_pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """The identity shortcut of a widening block: new channels appended as zeros."""
-    return F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
 
 
 class PreActBottleneck(nn.Module):
