@@ -302,24 +302,57 @@ def test_copy_slots_gradient_matches_finite_differences(function):
     assert torch.autograd.gradcheck(function.apply, (x, offset, dst, src))
 
 
+def assert_fused_copy_matches_grid_sample(x, offset, dst, src) -> None:
+    """Output, ∂x and ∂offset of the fused kernels against grid_sample's, to float rounding."""
+    grad = torch.randn_like(x)
+    results = []
+    for function in (CopySlots, FusedCopySlots):
+        out = function.apply(x, offset, dst, src)
+        results.append((out, *torch.autograd.grad(out, (x, offset), grad)))
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-12
+    for reference, fused in zip(*results):
+        torch.testing.assert_close(fused, reference, atol=tol * reference.abs().max().item(), rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_copy_matches_grid_sample(dtype):
     needs_fused_kernels()
     torch.manual_seed(0)
     x = torch.randn(3, 7, 9, 11, dtype=dtype, requires_grad=True)
     dst, src = torch.tensor([1, 4, 5, 6]), torch.tensor([2, 2, 0, 3])
-    # small shifts, and ones that leave the image (border padding, zero coordinate gradient);
-    # none integer: there a float32 grid may round to either side of the kink
+    # small shifts, and ones that leave the image (border padding, zero coordinate gradient)
     offset = torch.tensor([[0.13, -0.27], [1.61, 0.05], [-0.41, -1.83], [2.4, 2.2]], dtype=dtype,
                           requires_grad=True)
-    grad = torch.randn(3, 7, 9, 11, dtype=dtype)
-    results = []
-    for function in (CopySlots, FusedCopySlots):
-        out = function.apply(x, offset, dst, src)
-        results.append((out, *torch.autograd.grad(out, (x, offset), grad)))
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for reference, fused in zip(*results):
-        torch.testing.assert_close(fused, reference, atol=tol * reference.abs().max().item(), rtol=tol)
+    assert_fused_copy_matches_grid_sample(x, offset, dst, src)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_copy_matches_grid_sample_at_whole_pixel_shifts(dtype):
+    """A whole-pixel shift puts samples on the kinks of bilinear interpolation, where the shift
+    gradient is a one-sided difference: both paths must take the side grid_sample's own
+    coordinate falls on (H = 6, W = 9, shift_y = −1.5: −1 pixel, which float32 lands exactly on
+    for some rows and just below for others)."""
+    needs_fused_kernels()
+    torch.manual_seed(0)
+    H, W = 6, 9
+    x = torch.randn(3, 7, H, W, dtype=dtype, requires_grad=True)
+    dst, src = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 0, 6, 6, 0])
+    # (x, y) shifts as SelectiveConv2d scales them: one pixel is 0.9375 along x, 1.5 along y;
+    # the last lands on the far border (8 pixels) along both axes
+    shift = torch.tensor([[0.0, -1.5], [0.9375, 1.5], [-1.875, 3.0], [2.8125, -3.0], [7.5, 7.5]],
+                         dtype=dtype)
+    offset = (shift / ((H + W) / 4)).requires_grad_()
+    assert_fused_copy_matches_grid_sample(x, offset, dst, src)
+
+
+def test_widening_shortcut_appends_the_zero_channels_after_x():
+    block = build_model("cifar_resnet164", 10, method="selectconv").features[1][0]  # 16 → 64
+    with torch.no_grad():
+        block.unit3.conv.weight.zero_()  # the block's output is then its shortcut alone
+    x = torch.randn(2, 16, 4, 4)
+    out = block.eval()(x)
+    assert out.shape == (2, 64, 4, 4)
+    assert torch.equal(out[:, :16], x) and not out[:, 16:].any()
 
 
 def test_copy_falls_back_to_grid_sample_without_a_compiler(monkeypatch, caplog):

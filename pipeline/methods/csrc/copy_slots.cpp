@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/GridSampler.h>
 
 #include <cmath>
 #include <cstring>
@@ -14,43 +15,56 @@
 
 namespace {
 
-// Sampling an axis of length L at k + shift, k = 0..L-1, with border padding: the coordinate
-// c = clamp(k + shift, 0, L - 1) interpolates entries lo and hi = min(lo + 1, L - 1) with weight
-// w = c - lo on hi; dc/dshift = 1 strictly inside (0, L - 1) and 0 where clamped (as
-// grid_sample's clip_coordinates_set_grad).
-template <typename T>
+// Sampling an axis of length L at grid values g_k (k = 0..L-1; −1…1 spans the axis) exactly as
+// grid_sample does with align_corners=True and border padding: torch's own
+// grid_sampler_compute_source_index_set_grad, in the grid's dtype, gives the coordinate
+// c = clip(((g + 1) / 2)·(L − 1), 0, L − 1) and dc/dg = (L − 1)/2 strictly inside (0, L − 1), 0
+// where clipped. c interpolates entries lo = ⌊c⌋ and hi = min(lo + 1, L − 1) with weight
+// w = c − lo on hi. Computing c any other way (say in double from the offset) lands exactly on a
+// whole pixel where float32 lands just below it, and the shift gradient there takes the other
+// one-sided difference.
+template <typename scalar_t, typename T>
 struct Axis {
   std::vector<int64_t> lo, hi;
-  std::vector<T> w, inside;
+  std::vector<T> w, slope;
 
-  Axis(int64_t length, T shift) : lo(length), hi(length), w(length), inside(length) {
-    const T last = static_cast<T>(length - 1);
+  Axis(const scalar_t* grid, int64_t length) : lo(length), hi(length), w(length), slope(length) {
     for (int64_t k = 0; k < length; ++k) {
-      const T c = static_cast<T>(k) + shift;
-      const T clamped = c <= 0 ? T(0) : (c >= last ? last : c);
-      lo[k] = static_cast<int64_t>(std::floor(clamped));
+      scalar_t dc;
+      const T c = static_cast<T>(at::native::grid_sampler_compute_source_index_set_grad(
+          grid[k], length, at::native::GridSamplerPadding::Border, /*align_corners=*/true, &dc));
+      lo[k] = static_cast<int64_t>(std::floor(c));
       hi[k] = std::min(lo[k] + 1, length - 1);
-      w[k] = clamped - static_cast<T>(lo[k]);
-      inside[k] = (c > 0 && c < last) ? T(1) : T(0);
+      w[k] = c - static_cast<T>(lo[k]);
+      slope[k] = static_cast<T>(dc);
     }
   }
 };
 
-template <typename T>
+template <typename scalar_t, typename T>
 struct Shift {
-  Axis<T> x, y;  // columns (offset[:, 0]) and rows (offset[:, 1])
+  Axis<scalar_t, T> x, y;  // columns (offset[:, 0]) and rows (offset[:, 1])
 };
 
-// Pixel shifts of every copy: a normalised offset o spans (L - 1) / 2 pixels per unit.
-template <typename T>
-std::vector<Shift<T>> shift_tables(const at::Tensor& offset, int64_t H, int64_t W) {
-  auto o = offset.to(at::kDouble).contiguous();
-  const double* p = o.data_ptr<double>();
-  std::vector<Shift<T>> tables;
-  tables.reserve(o.size(0));
-  for (int64_t j = 0; j < o.size(0); ++j) {
-    tables.push_back({Axis<T>(W, static_cast<T>(p[2 * j] * (W - 1) / 2)),
-                      Axis<T>(H, static_cast<T>(p[2 * j + 1] * (H - 1) / 2))});
+// The grid values of every copy along one axis as selectconv.shift_grid builds them:
+// linspace(−1, 1, L) + offset[:, axis] in the offset's dtype, then rounded to x's.
+at::Tensor axis_grid(const at::Tensor& offset, int64_t axis, int64_t length,
+                     at::ScalarType dtype) {
+  return (at::linspace(-1, 1, length, offset.options()).unsqueeze(0) +
+          offset.select(1, axis).unsqueeze(1)).to(dtype).contiguous();
+}
+
+template <typename scalar_t, typename T>
+std::vector<Shift<scalar_t, T>> shift_tables(const at::Tensor& offset, int64_t H, int64_t W) {
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const at::Tensor gx = axis_grid(offset, 0, W, dtype);
+  const at::Tensor gy = axis_grid(offset, 1, H, dtype);
+  const scalar_t* px = gx.const_data_ptr<scalar_t>();
+  const scalar_t* py = gy.const_data_ptr<scalar_t>();
+  std::vector<Shift<scalar_t, T>> tables;
+  tables.reserve(offset.size(0));
+  for (int64_t j = 0; j < offset.size(0); ++j) {
+    tables.push_back({Axis<scalar_t, T>(px + j * W, W), Axis<scalar_t, T>(py + j * H, H)});
   }
   return tables;
 }
@@ -67,7 +81,7 @@ void blend_rows(const scalar_t* r0, const scalar_t* r1, T wy, int64_t W, T* row)
 // out[i, k] = row_i(lo[k]) + wx[k] (row_i(hi[k]) − row_i(lo[k])), row_i = rows y.lo[i], y.hi[i]
 // blended by y.w[i]; `row` is a scratch buffer of W entries.
 template <typename scalar_t, typename T>
-void translate_plane(const scalar_t* in, scalar_t* out, const Shift<T>& s, int64_t H,
+void translate_plane(const scalar_t* in, scalar_t* out, const Shift<scalar_t, T>& s, int64_t H,
                      int64_t W, T* row) {
   for (int64_t i = 0; i < H; ++i) {
     blend_rows(in + s.y.lo[i] * W, in + s.y.hi[i] * W, s.y.w[i], W, row);
@@ -92,7 +106,7 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& offset, const at::T
   const int64_t* sp = s.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "copy_slots_forward", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto tables = shift_tables<T>(offset, H, W);
+    const auto tables = shift_tables<scalar_t, T>(offset, H, W);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
@@ -111,16 +125,17 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& offset, const at::T
 }
 
 // For one image: grad_x[src[j]] += Tᵀ grad[dst[j]] (the adjoint of translate_plane), and the
-// derivatives of Σ grad[dst[j]] · T x[src[j]] with respect to the pixel shifts of copy j.
+// derivatives of Σ grad[dst[j]] · T x[src[j]] with respect to the offsets (grid values) of copy j.
 template <typename scalar_t, typename T>
-void adjoint_plane(const scalar_t* g, const scalar_t* in, scalar_t* gin, const Shift<T>& s,
-                   int64_t H, int64_t W, bool need_x, bool need_shift, T* row, T* d_shift) {
+void adjoint_plane(const scalar_t* g, const scalar_t* in, scalar_t* gin,
+                   const Shift<scalar_t, T>& s, int64_t H, int64_t W, bool need_x, bool need_offset,
+                   T* row, T* d_offset) {
   T dx = 0, dy = 0;
   for (int64_t i = 0; i < H; ++i) {
     const scalar_t* gi = g + i * W;
     const int64_t y0 = s.y.lo[i], y1 = s.y.hi[i];
     const T wy = s.y.w[i];
-    if (need_shift) {
+    if (need_offset) {
       const scalar_t* r0 = in + y0 * W;
       const scalar_t* r1 = in + y1 * W;
       T along_y = 0;
@@ -128,12 +143,12 @@ void adjoint_plane(const scalar_t* g, const scalar_t* in, scalar_t* gin, const S
       for (int64_t k = 0; k < W; ++k) {
         const int64_t x0 = s.x.lo[k], x1 = s.x.hi[k];
         const T wx = s.x.w[k], gk = static_cast<T>(gi[k]);
-        dx += gk * s.x.inside[k] * (row[x1] - row[x0]);
+        dx += gk * s.x.slope[k] * (row[x1] - row[x0]);
         const T top = static_cast<T>(r0[x0]) + wx * (static_cast<T>(r0[x1]) - static_cast<T>(r0[x0]));
         const T bottom = static_cast<T>(r1[x0]) + wx * (static_cast<T>(r1[x1]) - static_cast<T>(r1[x0]));
         along_y += gk * (bottom - top);
       }
-      dy += s.y.inside[i] * along_y;
+      dy += s.y.slope[i] * along_y;
     }
     if (need_x) {
       std::fill(row, row + W, T(0));
@@ -152,8 +167,8 @@ void adjoint_plane(const scalar_t* g, const scalar_t* in, scalar_t* gin, const S
       }
     }
   }
-  d_shift[0] += dx;
-  d_shift[1] += dy;
+  d_offset[0] += dx;
+  d_offset[1] += dy;
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -174,7 +189,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x_
   auto partial = at::zeros({N, n_copies, 2}, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "copy_slots_backward", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto tables = shift_tables<T>(offset, H, W);
+    const auto tables = shift_tables<scalar_t, T>(offset, H, W);
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gxp = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
@@ -192,22 +207,17 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x_
           }
         }
         for (int64_t j = 0; j < n_copies; ++j) {
-          T d_shift[2] = {0, 0};
+          T d_offset[2] = {0, 0};
           adjoint_plane(gp + (n * C + dp[j]) * P, xp + (n * C + sp[j]) * P,
                         need_x ? gxp + (n * C + sp[j]) * P : nullptr, tables[j], H, W, need_x,
-                        need_offset, row.data(), d_shift);
-          pp[(n * n_copies + j) * 2] = d_shift[0];
-          pp[(n * n_copies + j) * 2 + 1] = d_shift[1];
+                        need_offset, row.data(), d_offset);
+          pp[(n * n_copies + j) * 2] = d_offset[0];
+          pp[(n * n_copies + j) * 2 + 1] = d_offset[1];
         }
       }
     });
   });
-  at::Tensor grad_offset;
-  if (need_offset) {
-    // pixels per normalised unit: (W - 1) / 2 along x, (H - 1) / 2 along y
-    auto scale = at::tensor({(W - 1) / 2.0, (H - 1) / 2.0}, at::kDouble);
-    grad_offset = (partial.sum(0) * scale).to(offset.scalar_type());
-  }
+  at::Tensor grad_offset = need_offset ? partial.sum(0).to(offset.scalar_type()) : at::Tensor();
   return {grad_x, grad_offset};
 }
 
