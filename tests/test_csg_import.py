@@ -1,6 +1,6 @@
 """`pipeline import csg`: the CSG authors' released CIFAR-10 checkpoints as our models.
 
-The fixtures (../shared/fixtures/csg_released, or $CSG_RELEASED_DIR) are unchanged copies of
+The fixtures (tests/fixtures/csg_released, or $CSG_RELEASED_DIR) are unchanged copies of
 three of the authors' files. Each converts to the model it was trained as, with no missing or
 unexpected key, computes the logits of the authors' own forward (re-expressed below on their raw
 state_dict: their shortcut cat(x, x·0), their dense concatenation [new, x]), exports exactly, has
@@ -26,8 +26,7 @@ from pipeline.models import build_model
 from pipeline.models.csg_import import concat_order, convert, load_released
 from pipeline.models.summary import count_params
 
-RELEASED = Path(os.environ.get("CSG_RELEASED_DIR",
-                               REPO.parent / "shared" / "fixtures" / "csg_released"))
+RELEASED = Path(os.environ.get("CSG_RELEASED_DIR", REPO / "tests" / "fixtures" / "csg_released"))
 pytestmark = pytest.mark.skipif(not RELEASED.is_dir(),
                                 reason=f"no released CSG checkpoints at {RELEASED} "
                                        f"(set CSG_RELEASED_DIR)")

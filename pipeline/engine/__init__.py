@@ -1,4 +1,5 @@
 """The DeepSpeed training loop, checkpoints and distributed metrics."""
-from .trainer import EXIT_RESUMABLE, evaluate_checkpoint, train
+from .evaluate import evaluate_checkpoint
+from .trainer import EXIT_RESUMABLE, train
 
 __all__ = ["EXIT_RESUMABLE", "evaluate_checkpoint", "train"]

@@ -35,8 +35,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory collective op when its process
+    group starts, for its inference all-reduce only: training collectives go through
+    torch.distributed (gloo). Marking the op unavailable skips a 1.5–2 minute rebuild whenever
+    the compiler environment (PATH) differs from the last build's, and the line it printed on
+    stdout."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _clear_stale_extension_locks(max_age_minutes: float = 10.0) -> None:
-    """DeepSpeed's CPU accelerator and the methods' fused CPU kernels load JIT-compiled ops
+    """The methods' fused CPU kernels (and DeepSpeed's ops) load JIT-compiled ops
     under a lock file in the torch extensions directory; a process killed while holding it
     leaves the lock behind and every later start waits on it forever. A build takes about a
     minute, so a lock older than ``max_age_minutes`` is stale."""
@@ -50,26 +61,34 @@ def _clear_stale_extension_locks(max_age_minutes: float = 10.0) -> None:
             pass
 
 
-def setup(timeout_minutes: float = 30.0) -> Dist:
-    """Initialise torch.distributed through DeepSpeed and return this process's place."""
+def place() -> Dist:
+    """This process's rank, world and device, from the launcher's environment (torchrun,
+    SLURM via torchrun; none: a world of one), before any process group exists."""
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     if "RANK" not in os.environ:  # launched without torchrun: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if not cuda:
-        _clear_stale_extension_locks()
-    import deepspeed
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
-                                   auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    return Dist(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
+
+
+def setup(timeout_minutes: float = 30.0) -> Dist:
+    """Initialise torch.distributed through DeepSpeed and return this process's place."""
+    where = place()
+    if where.device.type != "cuda":
+        _clear_stale_extension_locks()
+        _skip_shm_comm_op()
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if where.device.type == "cuda" else "gloo",
+                                   verbose=False, auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+    return Dist(dist.get_rank(), where.local_rank, dist.get_world_size(), where.device)
 
 
 def teardown() -> None:
@@ -78,7 +97,8 @@ def teardown() -> None:
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Element-wise sums over ranks of a dict of tensors (one collective for all of them)."""
+    """Element-wise sums over ranks of a dict of tensors (one collective for all of them),
+    returned on the host: the loop calls it only where it reads values back anyway."""
     if not tensors:
         return {}
     keys = sorted(tensors)

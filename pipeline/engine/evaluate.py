@@ -1,59 +1,95 @@
-"""Distributed-exact evaluation: every rank sums, one all-reduce, then ratios."""
+"""Distributed-exact evaluation: every rank sums on its device, one all-reduce, then ratios.
+
+The task supplies the forward (whole image or sliding window) and the meter (top-k counts, a
+confusion matrix); method meters (dynamic MACs, inhibited channels) ride along. Nothing is
+read back to the host until the sums of all ranks are in. ``evaluate_checkpoint`` is
+``pipeline eval``: the same evaluation of saved weights.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.methods import EvalMeter
+from pipeline.data import build_loaders
+from pipeline.methods import EvalMeter, Method, get_method
+from pipeline.models import build_model
+from pipeline.models.diagnostics import InhibitedChannels
+from pipeline.tasks import Task, build_task
 
-from .distributed import all_reduce_sum
+from . import checkpoint as ckpt
+from .distributed import all_reduce_sum, place, setup, teardown
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
-    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+def eval_meters(cfg: DictConfig, method: Method, model: nn.Module) -> list:
+    """The inhibited-channel diagnostic (every model) and the method's own meters."""
+    return [InhibitedChannels(cfg.engine.inhibited_threshold), *method.eval_meters(model)]
+
+
+def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) on CUDA by default: cuDNN's fastest convolutions and tensor cores
+    want it; on the CPU oneDNN gains little and our fused CPU kernels expect NCHW."""
+    wanted = cfg.engine.channels_last
+    on = device.type == "cuda" if wanted is None else wanted
+    return torch.channels_last if on else torch.contiguous_format
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
-             meters: list[EvalMeter] = (),
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 over the whole evaluation set (all ranks), plus the meters'
+def evaluate(model: nn.Module, batches: Iterable, task: Task, device: torch.device,
+             meters: list[EvalMeter] = (), autocast_dtype: torch.dtype | None = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """The task's metrics over the whole evaluation set (all ranks), plus the meters'
     summaries. Every rank must call it (it ends in a collective)."""
     was_training = model.training
     model.eval()
     for meter in meters:
         meter.attach(model)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros(2, dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    task_meter = task.meter(device)
     try:
-        for images, labels in batches:
+        for images, target in batches:
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = model(images)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += torch.tensor(topk_correct(logits, labels, (1, 5)), dtype=torch.float64)
-            count += labels.numel()
-        sums = {"loss": loss_sum, "correct": correct, "count": count}
-        meter_sums = [meter.sums() for meter in meters]
+                output = task.infer(model, images.contiguous(memory_format=memory_format))
+            task_meter.update(output, target)
+        parts = [task_meter.sums(), *(meter.sums() for meter in meters)]
     finally:
         for meter in meters:
             meter.detach()
         model.train(was_training)
-    keyed = {f"{i}/{k}": v for i, s in enumerate(meter_sums) for k, v in s.items()}
-    total = all_reduce_sum({**sums, **keyed}, device)
-    n = max(total["count"].item(), 1.0)
-    result = {"loss": total["loss"].item() / n, "top1": total["correct"][0].item() / n,
-              "top5": total["correct"][1].item() / n, "samples": int(total["count"].item())}
-    for i, meter in enumerate(meters):
+    keyed = {f"{i}/{k}": v for i, sums in enumerate(parts) for k, v in sums.items()}
+    total = all_reduce_sum(keyed, device)
+    result: dict[str, float] = {}
+    for i, meter in enumerate([task_meter, *meters]):
         prefix = f"{i}/"
         result.update(meter.summarize({k[len(prefix):]: v for k, v in total.items()
                                        if k.startswith(prefix)}))
     return result
+
+
+def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
+    """Validation metrics (and the method's meters and metrics) of saved weights; the result
+    on rank 0, None elsewhere."""
+    where = place()
+    train_data, val_data = build_loaders(cfg.data, rank=where.rank,
+                                         world_size=where.world_size,
+                                         seed=cfg.engine.seed, device=where.device)
+    task = build_task(cfg, train_data.classes)
+    method = get_method(cfg.method.name, **cfg.method.opts)
+    model = build_model(cfg.model.name, cfg.model.num_classes or train_data.num_classes,
+                        method=cfg.method.name, **cfg.model.opts)
+    model.load_state_dict(ckpt.load_module_state(path))
+    dist = setup()
+    try:
+        fmt = memory_format(cfg, dist.device)
+        model.to(dist.device, memory_format=fmt)
+        result = evaluate(model, val_data, task, dist.device, eval_meters(cfg, method, model),
+                          AUTOCAST[cfg.engine.precision], fmt)
+        result.update({f"method/{k}": v for k, v in method.metrics(model).items()})
+        return result if dist.is_main else None
+    finally:
+        teardown()

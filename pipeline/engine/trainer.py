@@ -1,22 +1,28 @@
 """The training loop: one run of one config, on one process or many (torchrun / SLURM).
 
-    setup ranks → loaders → model (+ method) → deepspeed.initialize → resume?
-    for each epoch: train steps (task loss + method losses) → average buffers → evaluate
-                    → method.on_epoch_end → checkpoint
-    → final checkpoint, exported model, one JSON line
+    validate: scan the data, build the task, method and model (before DeepSpeed is imported)
+    → process group → deepspeed.initialize → resume?
+    until the budget (epochs or iterations) is spent:
+        train step: task loss + method losses, backward, optimizer step
+        every log_every steps: train metrics (one all-reduce, read back to the host)
+        every sync_every steps: the stop vote and the time-based checkpoint decision
+        by budget: evaluate, method.on_epoch_end, checkpoint
+    → final evaluation, final weights, exported model, one JSON line on stdout
 
-Stopping: SIGTERM, SIGUSR1 or the file named by $PIPELINE_STOP_FILE make every rank finish the
-current optimizer step, write a checkpoint and exit with EXIT_RESUMABLE; `checkpoint.resume=auto`
-(the default) continues from there, into the same MLflow run.
+Device discipline: batches arrive on the run's device and everything the step computes stays
+there (the train sums too); the host reads values back only at log, sync, evaluation and
+checkpoint points.
+
+Stopping: SIGTERM, SIGINT, SIGUSR1 or the stop file (see ``stopping.py``) make every rank
+finish its current optimizer step, write a checkpoint at the next sync point and exit with
+EXIT_RESUMABLE; `checkpoint.resume=auto` (the default) continues from there, into the same
+MLflow run.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,25 +30,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, flatten, to_yaml
 from pipeline.data import build_loaders
 from pipeline.methods import Method, get_method
 from pipeline.models import build_model
-from pipeline.models.diagnostics import InhibitedChannels
-from pipeline.models.summary import count_params
-from pipeline.tracking import open_tracker, run_tags
+from pipeline.models.summary import count_macs, count_params
+from pipeline.tasks import Task, build_task
+from pipeline.tracking import Tracker, open_tracker, run_tags
 
 from . import checkpoint as ckpt
-from .distributed import Dist, any_rank, average_buffers, all_reduce_sum, setup, teardown
-from .evaluate import evaluate, topk_correct
+from .budget import Budget
+from .distributed import Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown
+from .artifacts import write_final
+from .evaluate import AUTOCAST, eval_meters, evaluate, memory_format
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from .progress import Progress
+from .stopping import StopRequest
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FINAL_RECORD = "final.json"
 log = logging.getLogger("pipeline")
 
 
@@ -54,31 +62,15 @@ class Position:
     run_id: str | None = None
 
 
-def eval_meters(cfg: DictConfig, method: Method, model: torch.nn.Module) -> list:
-    """The inhibited-channel diagnostic (every model) and the method's own meters."""
-    return [InhibitedChannels(cfg.engine.inhibited_threshold), *method.eval_meters(model)]
-
-
-class StopRequest:
-    """Set by SIGTERM / SIGUSR1 or by the stop file; read once per optimizer step."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-        self.stop_file = os.environ.get("PIPELINE_STOP_FILE")
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signalled = True
-
-    def __bool__(self) -> bool:
-        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
 def _deepspeed_config(cfg: DictConfig) -> dict:
@@ -100,7 +92,7 @@ def _deepspeed_config(cfg: DictConfig) -> dict:
     return config
 
 
-def _build_engine(cfg: DictConfig, model: torch.nn.Module, method: Method, steps_per_epoch: int,
+def _build_engine(cfg: DictConfig, model: torch.nn.Module, method: Method, budget: Budget,
                   world_size: int):
     import deepspeed
 
@@ -110,9 +102,9 @@ def _build_engine(cfg: DictConfig, model: torch.nn.Module, method: Method, steps
     groups = param_groups(model, o.weight_decay, o.no_decay_norm_bias,
                           method.param_groups(model))
     optimizer = build_optimizer(groups, o.name, lr, o.momentum, o.nesterov, list(o.betas))
-    factor = lr_factor(s.name, s.epochs, s.warmup_epochs, s.warmup_start, list(s.milestones),
-                       s.step_size, s.gamma, s.power, s.min_lr / lr)
-    scheduler = build_scheduler(optimizer, factor, steps_per_epoch)
+    factor = lr_factor(s.name, budget.schedule_epochs, s.warmup_epochs, s.warmup_start,
+                       list(s.milestones), s.step_size, s.gamma, s.power, s.min_lr / lr)
+    scheduler = build_scheduler(optimizer, factor, budget.steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=_deepspeed_config(cfg))
@@ -136,34 +128,64 @@ def _apply_edits(engine, method: Method, edits: dict) -> None:
                     value[mask] = 0
 
 
+def _eval_input_size(cfg: DictConfig) -> int | tuple[int, int]:
+    """The input size static MACs are counted at: the classifier's crop; a segmentation
+    model's training crop [height, width]."""
+    if cfg.task == "segmentation":
+        return tuple(cfg.data.crop_size)
+    return cfg.data.image_size
+
+
+def train_step(engine, model: torch.nn.Module, task: Task, method: Method, images: torch.Tensor,
+               target: torch.Tensor, epoch: float,
+               fmt: torch.memory_format = torch.contiguous_format) -> tuple[dict, dict]:
+    """One micro-batch: forward, task and method losses, backward, optimizer step (DeepSpeed
+    applies it every grad_accum micro-batches). ``engine`` is called like the model and has
+    ``backward(loss)`` and ``step()``. Returns this batch's additive sums and the method's
+    loss terms, all on the batch's device."""
+    output = engine(images.contiguous(memory_format=fmt))
+    loss = task.loss(output, target)
+    extras = method.extra_losses(model, epoch)
+    engine.backward(loss + sum(extras.values()) if extras else loss)
+    engine.step()
+    count = task.count(target)
+    return {"loss": loss.detach().double() * count, "count": count,
+            **task.train_stats(output, target)}, extras
+
+
+def accumulate(sums: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict:
+    """``sums + batch`` key by key, out of place: the sums live where the batch's values do."""
+    return {k: sums[k] + v if k in sums else v for k, v in batch.items()}
+
+
 class Run:
     """One training run; ``execute()`` returns the process exit code."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.dist: Dist = setup()
-        self.main = self.dist.is_main
+        where = place()
+        self.main = where.rank == 0
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.autocast = AUTOCAST[cfg.engine.precision]
         self.stop = StopRequest()
-        self.last_save = time.monotonic()
+        self.tracker: Tracker = Tracker()
+        self.result: dict[str, float] | None = None
+        self.result_step = self.saved_step = -1
 
+        # Everything a user can get wrong is checked here, before DeepSpeed is imported.
         _seed(cfg.engine.seed)  # the same on every rank: identical initial weights
         self.train_data, self.val_data = build_loaders(
-            cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
-            seed=cfg.engine.seed, device=self.dist.device)
+            cfg.data, rank=where.rank, world_size=where.world_size, seed=cfg.engine.seed,
+            device=where.device)
+        self.task: Task = build_task(cfg, self.train_data.classes)
         num_classes = cfg.model.num_classes or self.train_data.num_classes
         if num_classes != self.train_data.num_classes:
             raise ConfigError(f"config key 'model.num_classes': {num_classes} but "
                               f"{cfg.data.root} has {self.train_data.num_classes} classes")
-        self.method = get_method(cfg.method.name, **cfg.method.opts)
         self.num_classes = num_classes
-        model = self._build_model().to(self.dist.device)
-        if cfg.engine.sync_bn:
-            if self.dist.device.type != "cuda":
-                raise ConfigError("config key 'engine.sync_bn': SyncBatchNorm needs CUDA")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.method = get_method(cfg.method.name, **cfg.method.opts)
+        model = self._build_model()
         accum = cfg.engine.grad_accum
         micro = len(self.train_data)
         if cfg.engine.max_steps_per_epoch:
@@ -172,14 +194,23 @@ class Run:
         if self.micro_steps == 0:
             raise ConfigError(f"an epoch has {len(self.train_data)} batches per rank, fewer "
                               f"than engine.grad_accum={accum}: lower data.batch_size")
-        self.engine = _build_engine(cfg, model, self.method, self.micro_steps // accum,
-                                    self.dist.world_size)
+        self.budget = Budget.from_config(cfg, self.micro_steps // accum)
+        if cfg.engine.sync_bn and where.device.type != "cuda":
+            raise ConfigError("config key 'engine.sync_bn': SyncBatchNorm needs CUDA")
+        # counted on the host before the model moves: once, on rank 0 (others wait in setup)
+        self.macs = count_macs(model, _eval_input_size(cfg)) if self.main else 0
+
+        self.dist: Dist = setup()
+        self.format = memory_format(cfg, self.dist.device)
+        model = model.to(self.dist.device, memory_format=self.format)
+        if cfg.engine.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.engine.compile:
+            model.compile()  # in place: parameter names and checkpoints stay as they are
+        self.engine = _build_engine(cfg, model, self.method, self.budget, self.dist.world_size)
         self.model = self.engine.module
         _seed(cfg.engine.seed + 7919 * (self.dist.rank + 1))  # per-rank streams from here on
         self.pos = self._resume()
-        self.tracker = open_tracker(cfg.tracking.enabled and self.main, cfg.tracking.experiment,
-                                    cfg.tracking.run_name or cfg.name, self.pos.run_id,
-                                    spool_dir=self.run_dir)
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -207,172 +238,209 @@ class Run:
         state = ckpt.load(self.engine, tag_dir, tag, self.dist.rank)
         log.info("resumed from %s (epoch %d, step %d of it)", tag_dir / tag, state["epoch"],
                  state["step_in_epoch"])
+        self.saved_step = self.engine.global_steps
         return Position(state["epoch"], state["step_in_epoch"], state["run_id"])
 
     def _save(self) -> None:
+        if self.saved_step == self.engine.global_steps:
+            return
         average_buffers(self.model)
         tag = f"epoch{self.pos.epoch:04d}-step{self.engine.global_steps:09d}"
         ckpt.save(self.engine, self.ckpt_dir, tag, vars(self.pos).copy(), self.dist.rank,
                   self.cfg.checkpoint.keep_last)
+        self.saved_step = self.engine.global_steps
         self.last_save = time.monotonic()
 
     # ----------------------------------------------------------------------------- train
-    def _train_epoch(self) -> bool:
-        """Train the rest of the current epoch; True when stopped on request."""
-        cfg, engine, pos = self.cfg, self.engine, self.pos
+    def _train(self) -> bool:
+        """Train until the budget is spent; True when stopped on request (after a checkpoint)."""
+        cfg, pos, budget = self.cfg, self.pos, self.budget
         accum, n = cfg.engine.grad_accum, self.micro_steps
-        every = cfg.checkpoint.every_minutes * 60
-        engine.train()
-        sums = {"loss": torch.zeros(()), "correct": torch.zeros(()), "count": torch.zeros(())}
+        every_seconds = cfg.checkpoint.every_minutes * 60
+        self.last_save = time.monotonic()
+        progress = Progress(self.main, budget.total_steps, self.engine.global_steps,
+                            budget.epochs, budget.steps_per_epoch)
+        sums: dict[str, torch.Tensor] = {}
         tick = time.perf_counter()
-        bar = tqdm(total=n, initial=pos.step_in_epoch, disable=not self.main or None,
-                   desc=f"epoch {pos.epoch + 1}/{cfg.schedule.epochs}", file=sys.stderr,
-                   leave=False)
-        batches = self.train_data.epoch(pos.epoch, start_step=pos.step_in_epoch)
-        for images, labels in batches:
-            if pos.step_in_epoch >= n:
-                break
-            logits = engine(images).float()
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.engine.label_smoothing)
-            epoch_float = pos.epoch + pos.step_in_epoch / n
-            extras = self.method.extra_losses(self.model, epoch_float)
-            engine.backward(loss + sum(extras.values()) if extras else loss)
-            engine.step()
-            pos.step_in_epoch += 1
-            bar.update()
-            sums["loss"] += loss.detach().float() * labels.numel()
-            sums["correct"] += topk_correct(logits.detach(), labels, (1,))[0]
-            sums["count"] += labels.numel()
-            if pos.step_in_epoch % accum:
-                continue
-            step = engine.global_steps
-            self.method.on_step_end(self.model, step)
-            if step % cfg.engine.log_every == 0 or pos.step_in_epoch == n:
-                self._log_train(sums, extras, time.perf_counter() - tick, step, epoch_float)
-                sums = {k: torch.zeros(()) for k in sums}
-                tick = time.perf_counter()
-            stop, due = any_rank([bool(self.stop), every > 0 and self.main and
-                                  time.monotonic() - self.last_save > every], self.dist.device)
-            if stop or (due and pos.step_in_epoch < n):
-                self._save()
-            if stop:
-                bar.close()
-                return True
-        bar.close()
-        return False
+        self.engine.train()
+        try:
+            while True:
+                if pos.step_in_epoch == n:
+                    self._end_epoch()
+                if budget.done(self.engine.global_steps):
+                    return False
+                for images, target in self.train_data.epoch(pos.epoch, pos.step_in_epoch):
+                    epoch_float = pos.epoch + pos.step_in_epoch / n
+                    batch, self.extras = train_step(self.engine, self.model, self.task,
+                                                    self.method, images, target, epoch_float,
+                                                    self.format)
+                    sums = accumulate(sums, batch)
+                    pos.step_in_epoch += 1
+                    if pos.step_in_epoch % accum:
+                        continue
+                    step = self.engine.global_steps
+                    self.method.on_step_end(self.model, step)
+                    progress.step()
+                    epoch_end = pos.step_in_epoch == n
+                    if step % cfg.engine.log_every == 0 or epoch_end or budget.done(step):
+                        metrics = self._log_train(sums, time.perf_counter() - tick, step,
+                                                  epoch_float)
+                        progress.report(step, pos.epoch, pos.step_in_epoch // accum, metrics)
+                        sums, tick = {}, time.perf_counter()
+                    self.stop.hold(step, self.main)
+                    if step % cfg.engine.sync_every == 0 or step == self.stop.hold_at:
+                        stop, due = any_rank([self.stop.requested(), every_seconds > 0 and
+                                              self.main and time.monotonic() - self.last_save
+                                              > every_seconds], self.dist.device)
+                        if stop:
+                            self._save()
+                            self.stop.consume_stop_file()
+                            return True
+                        if due and not epoch_end:
+                            self._save()
+                    if budget.eval_after_step(step):
+                        self._evaluate()
+                    if budget.save_after_step(step):
+                        self._save()
+                    if epoch_end or budget.done(step):
+                        break
+        finally:
+            progress.close()
 
-    def _log_train(self, sums: dict, extras: dict, seconds: float, step: int,
-                   epoch_float: float) -> None:
+    def _end_epoch(self) -> None:
+        pos = self.pos
+        if self.budget.eval_after_epoch(pos.epoch):
+            self._evaluate()
+        edits = self.method.on_epoch_end(self.model, pos.epoch, self.budget.epochs,
+                                         self.cfg.engine.seed)
+        _apply_edits(self.engine, self.method, edits)
+        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        if self.budget.save_after_epoch:
+            self._save()
+
+    def _log_train(self, sums: dict, seconds: float, step: int, epoch_float: float) -> dict:
         total = all_reduce_sum(sums, self.dist.device)
         count = max(total["count"].item(), 1.0)
         metrics = {"train/loss": total["loss"].item() / count,
-                   "train/top1": total["correct"].item() / count,
                    "train/lr": self.engine.get_lr()[0],
                    "train/images_per_s": total["count"].item() / max(seconds, 1e-9),
                    "epoch": epoch_float}
-        metrics.update({f"train/{k}": v.item() for k, v in extras.items()})
+        metrics.update({f"train/{k}": v for k, v in self.task.train_summary(total).items()})
+        metrics.update({f"train/{k}": v.item() for k, v in self.extras.items()})
         self.tracker.log_metrics(metrics, step)
+        return metrics
 
     # ----------------------------------------------------------------------------- evaluate
     def _evaluate(self) -> dict[str, float]:
         average_buffers(self.model)
-        result = evaluate(self.model, self.val_data, self.dist.device,
-                          eval_meters(self.cfg, self.method, self.model), self.autocast)
+        result = evaluate(self.model, self.val_data, self.task, self.dist.device,
+                          eval_meters(self.cfg, self.method, self.model), self.autocast,
+                          self.format)
+        step = self.engine.global_steps
         metrics = {f"val/{k}": v for k, v in result.items()}
         metrics.update({f"method/{k}": v for k, v in self.method.metrics(self.model).items()})
-        self.tracker.log_metrics(metrics, self.engine.global_steps)
+        self.tracker.log_metrics(metrics, step)
         if self.main:
-            log.info("epoch %d/%d  val top-1 %.4f  top-5 %.4f  loss %.4f",
-                     self.pos.epoch + 1, self.cfg.schedule.epochs, result["top1"],
-                     result["top5"], result["loss"])
+            for name, text in self.task.artifacts(result).items():
+                (self.run_dir / name).write_text(text)
+                self.tracker.log_artifact(self.run_dir / name)
+            log.info("epoch %d/%d  step %d  %s", min(self.pos.epoch + 1, self.budget.epochs),
+                     self.budget.epochs, step, self.task.log_line(result))
+        self.result, self.result_step = result, step
         return result
 
     # ----------------------------------------------------------------------------- run
     def _start_tracking(self) -> None:
+        cfg = self.cfg
+        self.tracker = open_tracker(cfg.tracking.enabled and self.main, cfg.tracking.experiment,
+                                    cfg.tracking.run_name or cfg.name, self.pos.run_id,
+                                    spool_dir=self.run_dir)
         if not self.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         if self.pos.run_id is None:  # a new run: params once
-            self.tracker.log_params(flatten(self.cfg))
+            self.tracker.log_params(flatten(cfg))
             self.tracker.log_params({"data.train_batches_per_rank": len(self.train_data),
                                      "data.skipped_files": len(self.train_data.skipped) +
                                      len(self.val_data.skipped),
-                                     "model.params": count_params(self.model)[0]})
+                                     "model.params": count_params(self.model)[0],
+                                     "model.macs": self.macs})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
-        self.tracker.set_tags({**run_tags(self.dist.world_size), **self.cfg.tracking.tags,
-                               "method": self.cfg.method.name, "model": self.cfg.model.name})
+        self.tracker.set_tags({**run_tags(self.dist.world_size), **cfg.tracking.tags,
+                               "method": cfg.method.name, "model": cfg.model.name})
         self.pos.run_id = self.tracker.run_id
 
-    def _finish(self, result: dict[str, float]) -> dict:
-        """Final weights and the exported model (rank 0), as files and MLflow artifacts."""
-        final = self.run_dir / "final.pt"
-        trained = self._build_model()  # a plain copy, free of DeepSpeed's hooks
-        trained.load_state_dict(self.model.state_dict())
-        exported = self.method.export(trained.to(self.dist.device).eval())
-        if self.main:
-            torch.save({"model": self.model.state_dict(), "config": OmegaConf.to_container(
-                self.cfg, resolve=True)}, final)
-            torch.save(exported, self.run_dir / "exported.pt")
-            self.tracker.log_metrics({"export/params": count_params(exported)[0]},
-                                     self.engine.global_steps)
-            self.tracker.log_artifact(final, "checkpoint")
-        record = {"event": "final", "val_top1": result["top1"], "val_top5": result["top5"],
-                  "epochs": self.pos.epoch, "run_id": self.tracker.run_id,
-                  "checkpoint": str(final.resolve())}
+    def _final_record(self, result: dict[str, float], final: Path) -> dict:
+        record = {"event": "final", **{f"val_{k}": result[k] for k in self.task.final_keys}}
+        if self.budget.by_iterations:
+            record["iterations"] = self.engine.global_steps
+        else:
+            record["epochs"] = self.pos.epoch
+        record.update(run_id=self.tracker.run_id, checkpoint=str(final.resolve()))
         record.update({k: result[k] for k in self.method.final_keys if k in result})
         return record
 
+    def _finish(self) -> dict:
+        """Final evaluation, checkpoint, weights and exported model (rank 0, as files and
+        MLflow artifacts); returns the final record."""
+        if self.result_step != self.engine.global_steps:
+            self._evaluate()
+        self._save()
+        final = self.run_dir / "final.pt"
+        record = self._final_record(self.result, final)
+        if self.main:
+            trained = self._build_model()  # a plain copy, free of DeepSpeed's hooks
+            trained.load_state_dict(self.model.state_dict())
+            export_params = write_final(self.run_dir, trained, self.method, self.cfg)
+            (self.run_dir / FINAL_RECORD).write_text(json.dumps(record) + "\n")
+            self.tracker.log_metrics({"export/params": export_params},
+                                     self.engine.global_steps)
+            self.tracker.log_artifact(final, "checkpoint")
+        return record
+
+    def _finished_record(self) -> dict | None:
+        """The final record of a run that already finished this budget (a repeated command):
+        it is reported again, and its MLflow run is not re-opened."""
+        path = self.run_dir / FINAL_RECORD
+        if not (self.budget.done(self.engine.global_steps) and path.is_file()):
+            return None
+        return json.loads(path.read_text())
+
     def execute(self) -> int:
-        cfg, pos = self.cfg, self.pos
-        self._start_tracking()
-        status = "FAILED"
+        done = self._finished_record()
+        if done is not None:
+            if self.main:
+                log.info("%s already finished; its final record:", self.run_dir)
+                print(json.dumps(done), flush=True)
+            teardown()
+            return 0
+        status, tags = "FAILED", {}
         try:
-            result = None
-            while pos.epoch < cfg.schedule.epochs:
-                if self._train_epoch():
-                    status = "KILLED"
-                    log.warning("stopped on request after a checkpoint; run again to resume")
-                    return EXIT_RESUMABLE
-                last = pos.epoch + 1 == cfg.schedule.epochs
-                if last or (pos.epoch + 1) % cfg.engine.eval_every == 0:
-                    result = self._evaluate()
-                edits = self.method.on_epoch_end(self.model, pos.epoch, cfg.schedule.epochs,
-                                                 cfg.engine.seed)
-                _apply_edits(self.engine, self.method, edits)
-                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-                self._save()
-            result = result or self._evaluate()  # a run resumed after its last epoch
-            record = self._finish(result)
+            self._start_tracking()
+            if self._train():
+                # the vote may carry another rank's request: then the reason is not known here
+                status, tags["stop_reason"] = "KILLED", self.stop.reason or "signal"
+                log.warning("stopped on request (%s) after a checkpoint; run again to resume",
+                            tags["stop_reason"])
+                return EXIT_RESUMABLE
+            record = self._finish()
             status = "FINISHED"
             if self.main:
                 print(json.dumps(record), flush=True)
             return 0
+        except KeyboardInterrupt:
+            status, tags["stop_reason"] = "KILLED", "interrupted"
+            raise
+        except BaseException as err:
+            tags["error"] = _one_line(err)
+            raise
         finally:
+            if tags:
+                self.tracker.set_tags(tags)
             self.tracker.close(status)
             teardown()
 
 
 def train(cfg: DictConfig) -> int:
     return Run(cfg).execute()
-
-
-def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
-    """Validation metrics (and the method's meters and metrics) of saved weights; the result
-    on rank 0, None elsewhere."""
-    dist = setup()
-    try:
-        train_data, val_data = build_loaders(cfg.data, rank=dist.rank,
-                                             world_size=dist.world_size,
-                                             seed=cfg.engine.seed, device=dist.device)
-        method = get_method(cfg.method.name, **cfg.method.opts)
-        model = build_model(cfg.model.name, cfg.model.num_classes or train_data.num_classes,
-                            method=cfg.method.name, **cfg.model.opts)
-        model.load_state_dict(ckpt.load_module_state(path))
-        model.to(dist.device)
-        result = evaluate(model, val_data, dist.device, eval_meters(cfg, method, model),
-                          AUTOCAST[cfg.engine.precision])
-        result.update({f"method/{k}": v for k, v in method.metrics(model).items()})
-        return result if dist.is_main else None
-    finally:
-        teardown()
