@@ -248,9 +248,11 @@ def _state_bytes(tensors) -> int:
 
 
 def storage_report(model: nn.Module) -> dict[str, float]:
-    """Parameters and state_dict sizes of the CSG model vs its materialised form."""
+    """Parameters and state_dict sizes of the CSG model vs its materialised form (every CSG
+    of the model counted, e.g. DeepLab's backbone and ASPP generators)."""
     convs = generated_convs(model)
-    generated = [c.codes for c in convs] + [convs[0].generator.weight] if convs else []
+    generators = {id(c.generator): c.generator for c in convs}.values()
+    generated = [c.codes for c in convs] + [g.weight for g in generators]
     generated_ids = {id(t) for t in generated}
     state = model.state_dict(keep_vars=True).values()
     other = [t for t in state if id(t) not in generated_ids]

@@ -315,7 +315,8 @@ def _refresh_after_load(unit: SelectiveConv2d, incompatible_keys) -> None:
 def _conv_like(conv: nn.Conv2d, **changes) -> nn.Conv2d:
     spec = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
                 kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                bias=False, device=conv.weight.device, dtype=conv.weight.dtype)
+                dilation=conv.dilation, bias=False, device=conv.weight.device,
+                dtype=conv.weight.dtype)
     return nn.Conv2d(**{**spec, **changes})
 
 
