@@ -18,7 +18,8 @@ _BUILDERS: dict[tuple[str, str], Builder] = {}
 
 # Modules that register builders on import; method modules add themselves here.
 _MODEL_MODULES = ["cifar_resnet", "cifar_densenet", "torchvision_models", "cifar_mobilenet",
-                  "cifar_shufflenet", "csg_nets", "gated_nets", "selective_nets", "ce_nets"]
+                  "cifar_shufflenet", "csg_nets", "gated_nets", "selective_nets", "ce_nets",
+                  "segmentation"]
 
 
 def register_model(name: str, method: str = "baseline") -> Callable[[Builder], Builder]:
