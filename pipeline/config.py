@@ -79,6 +79,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     no_decay_norm_bias: bool = False       # no weight decay on norm weights and biases
+    # parameter-name prefix → learning-rate multiplier, e.g. {head: 10, aux_head: 10}
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -42,3 +42,16 @@ def test_param_groups_no_decay_and_method_overrides():
     model[0].weight.requires_grad_(False)
     assert all(p is not model[0].weight for g in param_groups(model, 1e-4, False, [])
                for p in g["params"])
+
+
+def test_lr_mult_splits_groups_by_the_longest_name_prefix():
+    from pipeline.engine.optim import build_optimizer
+
+    model = nn.ModuleDict({"backbone": nn.Linear(2, 2), "head": nn.Linear(2, 2),
+                           "heads": nn.Linear(2, 2)})
+    groups = param_groups(model, 1e-4, False, [], {"head": 10.0, "head.bias": 5.0})
+    optimizer = build_optimizer(groups, "sgd", 0.01, 0.9, False, [0.9, 0.999])
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr[id(model["head"].weight)] == pytest.approx(0.1)
+    assert lr[id(model["head"].bias)] == pytest.approx(0.05)
+    assert lr[id(model["heads"].weight)] == lr[id(model["backbone"].weight)] == 0.01

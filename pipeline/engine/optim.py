@@ -13,10 +13,31 @@ def _is_norm_or_bias(module: nn.Module, param_name: str) -> bool:
     return param_name == "bias" or isinstance(module, norms)
 
 
+def _split_by_lr_mult(group: dict, mult_of: dict[int, float]) -> list[dict]:
+    parts: dict[float, list] = {}
+    for p in group["params"]:
+        parts.setdefault(mult_of.get(id(p), 1.0), []).append(p)
+    return [dict(group, params=params, **({"lr_mult": m} if m != 1.0 else {}))
+            for m, params in parts.items()]
+
+
+def _lr_mults(model: nn.Module, lr_mult: dict[str, float]) -> dict[int, float]:
+    """id(parameter) → the multiplier of the longest name prefix in ``lr_mult`` it falls under
+    (``{"head": 10}`` matches ``head.…`` but not ``heads.…``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        hits = [k for k in lr_mult if name == k or name.startswith(k + ".")]
+        if hits:
+            out[id(p)] = float(lr_mult[max(hits, key=len)])
+    return out
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool,
-                 overrides: list[dict]) -> list[dict]:
+                 overrides: list[dict], lr_mult: dict[str, float] | None = None) -> list[dict]:
     """Default groups (decay / no decay on norm and bias), with a method's overrides taken out
-    of them and appended as groups of their own. Frozen parameters are left out."""
+    of them and appended as groups of their own; every group split by ``lr_mult`` (parameter
+    name prefix → learning-rate multiplier, e.g. 10× for segmentation heads), the multiplier
+    kept as the group's ``lr_mult``. Frozen parameters are left out."""
     overridden = {id(p) for group in overrides for p in group["params"]}
     decay, no_decay = [], []
     for module in model.modules():
@@ -28,11 +49,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups += [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in overrides]
-    return [g for g in groups if g["params"]]
+    mult_of = _lr_mults(model, lr_mult or {})
+    return [part for g in groups if g["params"] for part in _split_by_lr_mult(g, mult_of)]
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, nesterov: bool,
                     betas: list[float]) -> torch.optim.Optimizer:
+    """SGD or AdamW at ``lr``, a group with ``lr_mult`` at that multiple of it (the schedule
+    scales every group alike)."""
+    groups = [dict(g, lr=lr * g["lr_mult"]) if "lr_mult" in g else g for g in groups]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))

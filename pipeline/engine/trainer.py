@@ -100,7 +100,7 @@ def _build_engine(cfg: DictConfig, model: torch.nn.Module, method: Method, budge
     global_batch = cfg.data.batch_size * world_size * cfg.engine.grad_accum
     lr = o.lr * global_batch / o.reference_batch if o.reference_batch else o.lr
     groups = param_groups(model, o.weight_decay, o.no_decay_norm_bias,
-                          method.param_groups(model))
+                          method.param_groups(model), dict(o.lr_mult))
     optimizer = build_optimizer(groups, o.name, lr, o.momentum, o.nesterov, list(o.betas))
     factor = lr_factor(s.name, budget.schedule_epochs, s.warmup_epochs, s.warmup_start,
                        list(s.milestones), s.step_size, s.gamma, s.power, s.min_lr / lr)
