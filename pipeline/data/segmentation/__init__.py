@@ -1,0 +1,128 @@
+"""Segmentation data: Cityscapes / VOC pairs → sharded, augmented (image, train-id map) batches.
+
+    train, val = build_segmentation_loaders(cfg.data, rank=r, world_size=w, seed=s, device=d)
+    for step, (images, labels) in enumerate(train.epoch(epoch, start_step), start=start_step): …
+    for images, labels in val: …          # whole images; val.image_files: this rank's, in order
+
+``images``: float32 NCHW normalised with ``data.mean`` / ``data.std``; ``labels``: int64 NHW of
+train ids, 255 = ignore; both on ``device``. Training batches are ``data.crop_size`` crops of
+the joint augmentation in ``augment.py``; their order, sharding and mid-epoch resume are the
+classification loader's (``order.py``: ``len(train)`` steps per epoch on every rank), and a
+sample's random window depends on (seed, epoch, sample index) alone, so a resumed epoch yields
+the very batches of an uninterrupted one. Validation reads every image
+exactly once over all ranks (rank r: images r, r+W, …) at full resolution; images of
+different sizes (VOC) in one batch are padded to the largest — image 0 before normalisation,
+label 255, so the padding never counts — and ``val.image_files`` gives each image's file to
+crop a prediction back to its size (``data.val_batch_size=1`` avoids the padding altogether).
+``data.backend``: ``dali`` (``dali_pairs.py``) or ``torchvision`` (``torch_pairs.py``), the same
+windows and pixel semantics. Layouts and their checks: ``layouts.py``. ``skipped`` lists the
+files of pairs dropped at scan time, ``skipped_at_decode`` counts label files whose values fell
+outside the table and were ignored while reading (both with ``data.on_corrupt=skip``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data import BACKENDS, TrainLoader
+from pipeline.data.order import val_indices
+from pipeline.data.segmentation.augment import PairRecipe, recipe_from_config, sample_draws
+from pipeline.data.segmentation.layouts import PairSplit, SegLayout, scan_segmentation, scan_split
+
+__all__ = ["SegTrainLoader", "SegValLoader", "build_segmentation_loaders", "build_eval_loader"]
+
+
+class SegTrainLoader(TrainLoader):
+    """One rank's training crops; ``epoch(e, start_step)`` as the classification TrainLoader."""
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.indices(epoch, start_step)
+        return self.source.batches(indices, sample_draws(self.seed, epoch, indices))
+
+    @property
+    def skipped_at_decode(self) -> int:
+        """Distinct label files this rank has ignored while reading (on_corrupt=skip)."""
+        return len(self.source.skips)
+
+
+class SegValLoader:
+    """One rank's whole-image validation shard; over all ranks every image exactly once."""
+
+    def __init__(self, source, split: PairSplit, *, batch_size: int, rank: int, world_size: int):
+        self.source, self.split, self.batch_size = source, split, batch_size
+        self.num_samples = len(split)
+        self.skipped = split.skipped
+        self.shard = val_indices(len(split), rank=rank, world_size=world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.shard) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.batches(self.shard)
+
+    @property
+    def skipped_at_decode(self) -> int:
+        """Distinct label files this rank has ignored while reading (on_corrupt=skip)."""
+        return len(self.source.skips)
+
+    @property
+    def image_files(self) -> list[str]:
+        """This rank's image files in the order its batches hold them."""
+        return [self.split.images[i] for i in self.shard]
+
+
+def _source(cfg_data, split: PairSplit, recipe: PairRecipe, *, train: bool, batch_size: int,
+            device: torch.device):
+    common = dict(train=train, batch_size=batch_size, device=device,
+                  on_corrupt=cfg_data.on_corrupt)
+    if cfg_data.backend == "dali":
+        from pipeline.data.segmentation.dali_pairs import PairDaliSource
+        return PairDaliSource(split, recipe, threads=int(cfg_data.workers),
+                              prefetch=int(cfg_data.prefetch), **common)
+    from pipeline.data.segmentation.torch_pairs import PairTorchSource
+    return PairTorchSource(split, recipe, workers=int(cfg_data.workers), **common)
+
+
+def _checked_sizes(cfg_data, rank: int, world_size: int) -> tuple[int, int]:
+    if cfg_data.backend not in BACKENDS:
+        raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {cfg_data.backend!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    batch_size = int(cfg_data.batch_size)
+    val_batch_size = int(cfg_data.val_batch_size) or batch_size
+    if batch_size <= 0 or val_batch_size <= 0:
+        raise ValueError("data.batch_size must be > 0 and data.val_batch_size >= 0")
+    return batch_size, val_batch_size
+
+
+def build_segmentation_loaders(cfg_data, *, rank: int, world_size: int, seed: int,
+                               device: torch.device | str = "cpu"
+                               ) -> tuple[SegTrainLoader, SegValLoader]:
+    """Scan ``data.root`` (``data.layout`` cityscapes | voc) and return this rank's loaders."""
+    batch_size, val_batch_size = _checked_sizes(cfg_data, rank, world_size)
+    device = torch.device(device)
+    recipe = recipe_from_config(cfg_data)
+    layout: SegLayout = scan_segmentation(cfg_data)
+    train = SegTrainLoader(
+        _source(cfg_data, layout.train, recipe, train=True, batch_size=batch_size, device=device),
+        layout, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    val = SegValLoader(
+        _source(cfg_data, layout.val, recipe, train=False, batch_size=val_batch_size,
+                device=device),
+        layout.val, batch_size=val_batch_size, rank=rank, world_size=world_size)
+    return train, val
+
+
+def build_eval_loader(cfg_data, split: str, *, rank: int, world_size: int,
+                      device: torch.device | str = "cpu") -> SegValLoader:
+    """Whole-image batches of any split (Cityscapes train / val / test, a VOC list name), e.g.
+    to write predictions; the split needs its label files (Cityscapes ships test labels)."""
+    _, val_batch_size = _checked_sizes(cfg_data, rank, world_size)
+    device = torch.device(device)
+    pairs = scan_split(cfg_data, split)
+    source = _source(cfg_data, pairs, recipe_from_config(cfg_data), train=False,
+                     batch_size=val_batch_size, device=device)
+    return SegValLoader(source, pairs, batch_size=val_batch_size, rank=rank,
+                        world_size=world_size)
