@@ -14,7 +14,7 @@ import warnings
 from importlib import import_module
 
 # The command modules, in the order `pipeline --help` lists them.
-COMMANDS = ["train", "evaluate", "data", "summary", "mlflow_sync", "importer"]
+COMMANDS = ["train", "evaluate", "data", "summary", "mlflow_sync", "report", "importer"]
 
 
 def build_parser() -> argparse.ArgumentParser:
