@@ -371,32 +371,46 @@ def test_label_id_outside_the_table_fails_or_is_ignored(small_tree, backend):
 
 
 def _voc_tree(root: Path, rgb_label: bool = False) -> Path:
+    """VOC2012 with palette labels, one train label only in SegmentationClassAug (greyscale,
+    listed in train_aug.txt), and optionally an RGB label."""
     rng = np.random.default_rng(1)
-    lists = {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003"]}
-    for name in lists["train"] + lists["val"]:
+    lists = {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003"],
+             "train_aug": ["2007_000001", "2007_000002", "2008_000004"]}
+    for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
+                   "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in sorted(set(sum(lists.values(), []))):
         indices = rng.integers(0, 21, (24, 30)).astype(np.uint8)
-        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (24, 30, 3)).astype(np.uint8)).save(
             root / "JPEGImages" / f"{name}.jpg")
-        (root / "SegmentationClass").mkdir(exist_ok=True)
+        if name.startswith("2008"):     # SBD: greyscale index PNGs
+            Image.fromarray(indices).save(root / "SegmentationClassAug" / f"{name}.png")
+            continue
         label = Image.fromarray(indices).convert("P")
         label.frombytes(indices.tobytes())
         (label.convert("RGB") if rgb_label and name == "2007_000002" else label).save(
             root / "SegmentationClass" / f"{name}.png")
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     for split, names in lists.items():
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
     return root
 
 
-def test_voc_palette_labels_read_as_indices_and_rgb_label_rejected(tmp_path):
+def test_voc_palette_and_aug_labels_read_as_indices_and_rgb_label_rejected(tmp_path):
     root = _voc_tree(tmp_path / "VOC2012")
-    label = root / "SegmentationClass" / "2007_000003.png"
     for backend in BACKENDS:
-        _, val = build_loaders(_cfg(tmp_path, backend, layout="voc", batch_size=2), rank=0,
-                               world_size=1, seed=0)      # ROOT = VOCdevkit is accepted too
+        cfg = _cfg(tmp_path, backend, layout="voc", batch_size=3, voc_train_list="train_aug",
+                   scale_range=[1.0, 1.0], crop_size=[24, 30])
+        train, val = build_loaders(cfg, rank=0, world_size=1, seed=0)  # ROOT = VOCdevkit works
+        assert train.num_classes == 21 and train.classes[15] == "person"
         (_, labels), = list(val)
-        assert np.array_equal(labels[0].numpy(), np.asarray(Image.open(label)))
+        expected = np.asarray(Image.open(root / "SegmentationClass" / "2007_000003.png"))
+        assert np.array_equal(labels[0].numpy(), expected)
+        (_, labels), = list(train.epoch(0))       # whole images, maybe flipped
+        for name in ("2007_000001", "2008_000004"):
+            folder = "SegmentationClassAug" if name.startswith("2008") else "SegmentationClass"
+            expected = torch.from_numpy(np.array(Image.open(root / folder / f"{name}.png")))
+            assert any(torch.equal(y, expected) or torch.equal(y, expected.flip(-1))
+                       for y in labels.to(torch.uint8))
     bad = _voc_tree(tmp_path / "bad" / "VOC2012", rgb_label=True)
     with pytest.raises(DataError) as err:
         build_loaders(_cfg(bad, layout="voc", batch_size=2), rank=0, world_size=1, seed=0)

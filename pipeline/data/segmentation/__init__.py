@@ -81,7 +81,9 @@ def _source(cfg_data, split: PairSplit, recipe: PairRecipe, *, train: bool, batc
         return PairDaliSource(split, recipe, threads=int(cfg_data.workers),
                               prefetch=int(cfg_data.prefetch), **common)
     from pipeline.data.segmentation.torch_pairs import PairTorchSource
-    return PairTorchSource(split, recipe, workers=int(cfg_data.workers), **common)
+    pin = cfg_data.pin_memory if cfg_data.pin_memory is not None else device.type == "cuda"
+    return PairTorchSource(split, recipe, workers=int(cfg_data.workers), pin_memory=bool(pin),
+                           **common)
 
 
 def _checked_sizes(cfg_data, rank: int, world_size: int) -> tuple[int, int]:

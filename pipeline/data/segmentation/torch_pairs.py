@@ -134,7 +134,7 @@ class PairTorchSource:
     """Batches of one split's pairs through a DataLoader over ``PairFiles``."""
 
     def __init__(self, split: PairSplit, recipe: PairRecipe, *, train: bool, batch_size: int,
-                 workers: int, device: torch.device, on_corrupt: str):
+                 workers: int, device: torch.device, on_corrupt: str, pin_memory: bool):
         self.split, self.train, self.batch_size = split, train, batch_size
         self.device, self.on_corrupt = device, on_corrupt
         self.skips: set[str] = set()     # label files ignored while reading (on_corrupt=skip)
@@ -142,7 +142,7 @@ class PairTorchSource:
         self.loader = DataLoader(PairFiles(split, recipe, train), batch_size=batch_size,
                                  sampler=self.sampler, num_workers=workers,
                                  persistent_workers=workers > 0, collate_fn=collate_padded,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=pin_memory)
         self.mean = torch.tensor([255 * m for m in recipe.mean], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor([255 * s for s in recipe.std], device=device).view(1, 3, 1, 1)
         self.workers_started = workers == 0
