@@ -6,7 +6,11 @@ the batch: ``id = round((255 · mean(pixel) - BASE) / STEP)`` (normalisation mea
 """
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data import DataError, build_loaders
 from pipeline.data.digits import write_digits
-from pipeline.data.layout import scan
+from pipeline.data.index import scan
 
 CLASSES = ("ant", "bee", "cat")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 5
@@ -179,17 +183,90 @@ def test_corrupt_files_skipped_and_counted(tmp_path, backend):
     assert sum(len(y) for _, y in val) == 3
 
 
-@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torchvision", 0), ("torchvision", 2)])
-def test_corrupt_file_past_the_scan_fails_at_decode_naming_it(tmp_path, backend, workers):
-    _small_tree(tmp_path)
-    good = (tmp_path / "val" / "ant" / "0.jpg").read_bytes()
-    sneaky = tmp_path / "val" / "bee" / "1.jpg"   # intact JPEG header and EOI, garbage between
-    sneaky.write_bytes(good[:20] + np.random.default_rng(0).bytes(400) + b"\xff\xd9")
-    _, val = build_loaders(_cfg(tmp_path, batch_size=1, backend=backend, workers=workers),
-                           rank=0, world_size=1, seed=0)
-    with pytest.raises(DataError) as e:
-        list(val)
-    _one_line_error(e, "cannot decode image", str(sneaky))
+def _corrupt_kinds(good: bytes) -> dict[str, bytes]:
+    """Corrupt files made from the valid JPEG ``good`` (a flat grey image)."""
+    sos = good.find(b"\xff\xda")
+    body = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")   # first byte of image data
+    mid = (body + len(good)) // 2
+    dht = good.find(b"\xff\xc4")
+    gif = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(gif, "GIF")
+    return {
+        "empty": b"",
+        "text": b"not an image\n",
+        "truncated": good[:mid],
+        "gif named .jpg": gif.getvalue(),
+        # intact JPEG header and EOI, garbage between
+        "garbage body": good[:20] + np.random.default_rng(0).bytes(400) + b"\xff\xd9",
+        # a marker libjpeg (PIL) stops on and DALI's CPU decoder decodes through
+        "mid-stream damage": good[:mid] + b"\xff\x6e" + good[mid + 2:],
+        # well-formed markers, broken table: both decoders refuse it
+        "bad huffman table": good[:dht + 5] + b"\xff" * 16 + good[dht + 21:],
+        # truncated data with EOI appended: every decoder fills the missing rows, silently
+        "fake end marker": good[:mid] + b"\xff\xd9",
+    }
+
+
+CORRUPT_KINDS = ["empty", "text", "truncated", "gif named .jpg", "garbage body",
+                 "mid-stream damage", "bad huffman table", "fake end marker"]
+SCAN_TIME = {"empty", "text", "truncated", "gif named .jpg"}
+DECODED_EVERYWHERE = {"fake end marker"}
+
+
+def _tree_with_one_bad_file(root: Path, data: bytes) -> list[Path]:
+    """3 classes × 3 train images (ids 0–8) and 1 val image each (ids 0–2), plus ``data`` as a
+    fourth train image of 'bee' and a second val image of 'cat'."""
+    for c, name in enumerate(CLASSES):
+        for k in range(3):
+            _flat_jpeg(root / "train" / name / f"{k}.jpg", BASE + STEP * (3 * c + k))
+        _flat_jpeg(root / "val" / name / "0.jpg", BASE + STEP * c)
+    bad = [root / "train" / "bee" / "bad.jpg", root / "val" / "cat" / "bad.jpg"]
+    for path in bad:
+        path.write_bytes(data)
+    return bad
+
+
+@pytest.mark.parametrize("kind", CORRUPT_KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_kind_of_corrupt_file_ends_the_same_way_in_both_backends(tmp_path, backend, kind):
+    _flat_jpeg(tmp_path / "good.jpg", 100)
+    data = _corrupt_kinds((tmp_path / "good.jpg").read_bytes())[kind]
+    bad = [str(p) for p in _tree_with_one_bad_file(tmp_path / "tree", data)]
+    cfg = partial(_cfg, tmp_path / "tree", backend=backend, batch_size=2, val_batch_size=2)
+
+    # skip: dropped at scan time, or replaced in its batch by another image of that batch
+    train, val = build_loaders(cfg(on_corrupt="skip"), rank=0, world_size=1, seed=0)
+    batches = _epoch_ids(train, 0)
+    val_ids = [_ids(x) for x, _ in val]
+    if kind in SCAN_TIME:
+        assert train.skipped + val.skipped == bad
+        assert len(batches) == 4 and val_ids == [[0, 1], [2]]
+    else:
+        assert train.skipped + val.skipped == [] and len(batches) == 5
+        assert all(len(ids) == 2 for ids in batches)
+    if kind in SCAN_TIME | DECODED_EVERYWHERE:
+        assert train.skipped_at_decode == val.skipped_at_decode == 0
+    else:
+        assert train.skipped_at_decode == val.skipped_at_decode == 1
+        assert sorted(set(sum(batches, []))) == list(range(9))   # every good image, no other
+        assert sum(ids[0] == ids[1] for ids in batches) == 1        # the stand-in's batch
+        assert val_ids == [[0, 1], [2, 2]]
+        assert _epoch_ids(train, 0) == batches   # a later pass drops it again, the same way
+
+    # fail: a one-line error naming the file, at scan or at decode time
+    if kind in SCAN_TIME:
+        with pytest.raises(DataError) as e:
+            build_loaders(cfg(on_corrupt="fail"), rank=0, world_size=1, seed=0)
+        _one_line_error(e, "corrupt or non-image file", bad[0])
+        return
+    train, val = build_loaders(cfg(on_corrupt="fail", workers=2), rank=0, world_size=1, seed=0)
+    if kind in DECODED_EVERYWHERE:
+        assert len(_epoch_ids(train, 0)) == 5 and len(list(val)) == 2
+        return
+    for loader, path in ((train.epoch(0), bad[0]), (val, bad[1])):
+        with pytest.raises(DataError) as e:
+            list(loader)
+        _one_line_error(e, "cannot decode image", path)
 
 
 # ---- sharding, order, resume -----------------------------------------------------------------

@@ -1,33 +1,38 @@
-"""DALI pipelines for the recipes, fed an explicit file list per pass.
+"""DALI pipelines for the recipes, fed the encoded files of an explicit sample list per pass.
 
-Each pass (a train epoch, or one validation sweep) builds a fresh pipeline whose
-``readers.file(files=…, labels=…)`` reads exactly the rank's list in order (no reader shuffle:
-the order comes from ``order.py``). A rebuild costs ~40 ms for a list of 512 files, ~0.5 s for
-100k and ~1.7 s for a million (measured here), small beside an epoch over them. Runs are
-scheduled by hand, only for the list's batches, so no decoding is thrown away at its end.
+Each pass (a train epoch, or one validation sweep) builds a fresh pipeline (~40 ms: it holds no
+file list) whose external source is fed batch by batch, in order, from the rank's sample list
+(the order comes from ``order.py``). Files are read ahead on ``threads`` threads, and each is
+checked there (``layout.encoded_size``: marker structure, image size) before DALI sees it; the
+per-sample crop windows and flips come from ``recipe.train_crops`` — a function of the pass key
+and the sample index only, so a pass started at ``start_step`` decodes exactly the batches
+``start_step…`` of the uninterrupted pass. Runs are scheduled by hand (``prefetch`` ahead), only
+for the list's batches.
 
 Without CUDA (``device`` is a CPU device) every operator runs on the CPU with
 ``device_id=None``; with a CUDA device the decoder is ``mixed`` (nvJPEG, on that GPU) and the
-resize / crop / normalise stages run on the GPU, so batches arrive on ``device``.
-A decode failure is turned into a ``DataError`` naming the file.
+resize / crop / normalise stages run on the GPU, so images arrive on ``device``.
+
+A file that fails the check, or that DALI's decoder refuses (the pipeline then fails; the
+culprits are found by decoding the in-flight files again in halves, and the pass resumes at the
+failed batch on a new pipeline), is handled by ``on_corrupt``: ``fail`` raises a ``DataError``
+naming it; ``skip`` shows another image of the same batch in its place (``layout.stand_ins``),
+logs the file once and counts it (``skips``); later passes leave it out without decoding it.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import nvidia.dali.fn as fn
-import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-from pipeline.data.layout import DataError, decodes
-from pipeline.data.recipe import Recipe
-
-_PREFETCH = 2
+from pipeline.data.layout import CorruptImage, DataError, DecodeSkips, read_encoded, stand_ins
+from pipeline.data.recipe import Recipe, sample_draws, train_crops
 
 
 def _decoder_options(decoder: str) -> dict:
@@ -44,27 +49,22 @@ def _decode(encoded, decoder: str):
                              adjust_orientation=False, **_decoder_options(decoder))
 
 
-def _augmented_crop(images, recipe: Recipe, decoder: str):
+def _cropped(encoded, anchor, shape, recipe: Recipe, decoder: str):
     if recipe.name == "imagenet":
-        # Decoding only the random window (ROI decode) is most of DALI's speed-up on the CPU.
-        images = fn.decoders.image_random_crop(
-            images, device=decoder, output_type=types.RGB, adjust_orientation=False,
-            random_area=list(recipe.scale), random_aspect_ratio=list(recipe.ratio),
-            num_attempts=10, **_decoder_options(decoder))
+        # Decoding only the crop window (ROI decode) is most of DALI's speed-up on the CPU.
+        images = fn.decoders.image_slice(
+            encoded, anchor, shape, device=decoder, axis_names="WH", normalized_anchor=False,
+            normalized_shape=False, output_type=types.RGB, adjust_orientation=False,
+            **_decoder_options(decoder))
         # Plain bilinear, as in NVIDIA's DALI ImageNet recipe (DeepLearningExamples): the
         # antialiasing filter took ~0.5 of ~3.5 CPU ms per image here, for a random training
         # crop. Validation keeps it, so both backends evaluate the same pixels.
         return fn.resize(images, resize_x=recipe.size, resize_y=recipe.size,
                          interp_type=types.INTERP_LINEAR, antialias=False)
-    images = _decode(images, decoder)
-    # Pad `pad` zeros on each side, then crop `size` at a uniform integer offset: the anchor in
-    # the unpadded image's coordinates lies in [-pad, extent + pad - size].
-    extent = fn.cast(images.shape(), dtype=types.FLOAT)
-    span = fn.stack(extent[1], extent[0]) + float(2 * recipe.pad - recipe.size + 1)
-    anchor = dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=2) * span) - float(recipe.pad)
-    return fn.slice(images, anchor, np.array([recipe.size, recipe.size], np.float32),
-                    axis_names="WH", out_of_bounds_policy="pad", fill_values=0,
-                    normalized_anchor=False, normalized_shape=False)
+    # cifar: the window reaches up to `pad` pixels outside the image, filled with zeros.
+    return fn.slice(_decode(encoded, decoder), anchor, shape, axis_names="WH",
+                    normalized_anchor=False, normalized_shape=False,
+                    out_of_bounds_policy="pad", fill_values=0)
 
 
 def _eval_view(images, recipe: Recipe, decoder: str):
@@ -75,19 +75,29 @@ def _eval_view(images, recipe: Recipe, decoder: str):
 
 
 @pipeline_def
-def recipe_pipeline(files: list[str], labels: list[int], recipe: Recipe, train: bool, gpu: bool):
-    encoded, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                      pad_last_batch=not train)
+def recipe_pipeline(feed, recipe: Recipe, train: bool, gpu: bool):
+    """``feed()`` returns the next batch: (encoded, anchor, shape, mirror) when ``train``,
+    else (encoded,)."""
     decoder = "mixed" if gpu else "cpu"
     if train:
-        images, mirror = _augmented_crop(encoded, recipe, decoder), fn.random.coin_flip()
+        encoded, anchor, shape, mirror = fn.external_source(
+            source=feed, num_outputs=4, batch=True, ndim=[1, 1, 1, 0],
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
+        images = _cropped(encoded, anchor, shape, recipe, decoder)
     else:
+        encoded = fn.external_source(source=lambda: feed()[0], batch=True, ndim=1,
+                                     dtype=types.UINT8)
         images, mirror = _eval_view(encoded, recipe, decoder), 0
-    images = fn.crop_mirror_normalize(
+    return fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(recipe.size, recipe.size),
         out_of_bounds_policy="pad", fill_values=0.0, mirror=mirror,
         mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
-    return images, (labels.gpu() if gpu else labels)
+
+
+@pipeline_def
+def _decode_pipeline(feed, gpu: bool):
+    encoded = fn.external_source(source=feed, batch=True, ndim=1, dtype=types.UINT8)
+    return _decode(encoded, "mixed" if gpu else "cpu")
 
 
 def _one_line_cause(err: Exception) -> str:
@@ -96,62 +106,142 @@ def _one_line_cause(err: Exception) -> str:
     return (after or lines or [type(err).__name__])[0]
 
 
+def _read(path: str, refused: dict[str, str]):
+    """(bytes, size) of the file, or the CorruptImage saying why it cannot be used."""
+    if path in refused:
+        return CorruptImage(refused[path])
+    try:
+        return read_encoded(path)
+    except CorruptImage as err:
+        return err
+
+
+class _Feed:
+    """Batches of one pass from ``step`` on, for the pipeline's external source; files are
+    read ``ahead`` batches in advance on ``pool``."""
+
+    def __init__(self, source: DaliSource, indices: np.ndarray, key: int, step: int,
+                 pool: ThreadPoolExecutor, ahead: int):
+        self.source, self.indices, self.key, self.pool = source, indices, key, pool
+        self.next, self.ahead = step, ahead
+        self.reads: dict[int, list] = {}
+        self.labels: dict[int, torch.Tensor] = {}
+        self.slots: dict[int, list[int]] = {}
+
+    def _submit(self, step: int) -> None:
+        bs = self.source.batch_size
+        if step not in self.reads and step * bs < len(self.indices):
+            paths = [self.source.files[i] for i in self.indices[step * bs:(step + 1) * bs]]
+            self.reads[step] = [self.pool.submit(_read, p, self.source.refused) for p in paths]
+
+    def __call__(self):
+        step = self.next
+        self.next += 1
+        for k in range(step, step + self.ahead + 1):
+            self._submit(k)
+        reads = [f.result() for f in self.reads.pop(step)]
+        src = self.source
+        chunk = self.indices[step * src.batch_size:(step + 1) * src.batch_size]
+        errors = [str(r) if isinstance(r, CorruptImage) else None for r in reads]
+        shown = stand_ins([src.files[i] for i in chunk], errors, src.on_corrupt)
+        for i, error in zip(chunk, errors):
+            if error is not None:
+                src.skips.note(src.files[i], error)
+        self.slots[step] = [int(chunk[s]) for s in shown]
+        self.labels[step] = torch.tensor([src.labels[chunk[s]] for s in shown])
+        encoded = [np.frombuffer(reads[s][0], np.uint8) for s in shown]
+        if not src.train:
+            return (encoded,)
+        crops = train_crops(src.recipe, sample_draws(self.key, chunk), [reads[s][1] for s in shown])
+        return (encoded, np.stack([crops.x, crops.y], 1).astype(np.float32),
+                np.stack([crops.w, crops.h], 1).astype(np.float32), crops.flip.astype(np.int32))
+
+
 class DaliSource:
     """Batches of one split's files through the DALI recipe pipeline."""
 
     def __init__(self, files: list[str], labels: list[int], recipe: Recipe, *, train: bool,
-                 batch_size: int, threads: int, device: torch.device):
+                 batch_size: int, threads: int, prefetch: int, device: torch.device,
+                 on_corrupt: str):
         self.files, self.labels = files, labels
         self.recipe, self.train, self.batch_size = recipe, train, batch_size
-        self.threads = max(1, threads)
+        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.on_corrupt = on_corrupt
+        self.skips = DecodeSkips()
+        self.refused: dict[str, str] = {}   # files DALI's decoder refused: path → cause
+        self.device = device
         self.device_id = None
         if device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
 
-    def batches(self, indices: np.ndarray, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) for the samples ``indices``, in order, on the source's device."""
-        files = [self.files[i] for i in indices]
-        steps = -(-len(files) // self.batch_size)
-        if steps == 0:
-            return
-        depth = min(_PREFETCH, steps)
-        pipe = recipe_pipeline(
-            files, [self.labels[i] for i in indices], self.recipe, self.train,
-            self.device_id is not None, batch_size=self.batch_size, num_threads=self.threads,
-            device_id=self.device_id, seed=seed, prefetch_queue_depth=depth)
+    def batches(self, indices: np.ndarray, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) for the samples ``indices``, in order, on the source's device;
+        ``key`` seeds the per-sample augmentation (``recipe.sample_draws``)."""
+        steps = -(-len(indices) // self.batch_size)
         step = 0
-        try:
-            # Runs are scheduled only for batches of this list (DALI's iterators schedule past
-            # its end, decoding batches that a rebuilt pipeline throws away). The first call
-            # queues `depth` runs, each later one a single run.
-            pipe.schedule_run()
-            for step in range(steps):
-                images, labels = pipe.share_outputs()
-                batch = self._to_torch(images), self._to_torch(labels).reshape(-1).long()
-                pipe.release_outputs()
-                if step + depth < steps:
-                    pipe.schedule_run()
-                # A validation list ends in a partial batch, padded by the reader: trim it.
-                keep = min(self.batch_size, len(files) - step * self.batch_size)
-                yield batch[0][:keep], batch[1][:keep]
-        except RuntimeError as err:
-            raise self._decode_error(err, files, step) from None
+        with ThreadPoolExecutor(self.threads) as pool:
+            while step < steps:
+                feed = _Feed(self, indices, key, step, pool, self.prefetch)
+                try:
+                    for images in self._run(feed, steps - step):
+                        yield images, feed.labels.pop(step).to(self.device, non_blocking=True)
+                        feed.slots.pop(step)
+                        step += 1
+                except RuntimeError as err:
+                    self._handle_refusal(err, feed, step)
+
+    def _run(self, feed: _Feed, steps: int) -> Iterator[torch.Tensor]:
+        depth = min(self.prefetch, steps)
+        pipe = recipe_pipeline(feed, self.recipe, self.train, self.device_id is not None,
+                               batch_size=self.batch_size, num_threads=self.threads,
+                               device_id=self.device_id, prefetch_queue_depth=depth)
+        # The first call queues `depth` runs, each later one a single run: only this list's
+        # batches are ever decoded.
+        pipe.schedule_run()
+        for k in range(steps):
+            (images,) = pipe.share_outputs()
+            out = self._to_torch(images)
+            pipe.release_outputs()
+            if k + depth < steps:
+                pipe.schedule_run()
+            yield out
 
     def _to_torch(self, batch) -> torch.Tensor:
         dense = batch.as_tensor()
-        device = torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
-        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         return feed_ndarray(dense, out, cuda_stream=stream)
 
-    def _decode_error(self, err: RuntimeError, files: list[str], step: int) -> DataError:
-        # The failing batch is the current one or one being prefetched: look only there.
-        window = files[step * self.batch_size:(step + _PREFETCH + 2) * self.batch_size]
-        text = str(err)
-        named = [f for f in window if re.search(re.escape(f) + r"\b", text)]
-        culprit = named[0] if named else next((f for f in window if not decodes(f)), None)
-        if culprit is not None:
-            return DataError(f"cannot decode image: {culprit} ({_one_line_cause(err)}); "
-                             "remove or replace the file")
-        return DataError(f"DALI pipeline failed near {window[0] if window else '?'}: "
-                         f"{_one_line_cause(err)}")
+    def _decodes(self, paths: list[str]) -> bool:
+        datas = [np.fromfile(p, np.uint8) for p in paths]
+        pipe = _decode_pipeline(lambda: datas, self.device_id is not None,
+                                batch_size=len(datas), num_threads=self.threads,
+                                device_id=self.device_id, prefetch_queue_depth=1)
+        try:
+            pipe.run()
+            return True
+        except RuntimeError:
+            return False
+
+    def _refused_among(self, paths: list[str]) -> list[str]:
+        if not paths or self._decodes(paths):
+            return []
+        if len(paths) == 1:
+            return paths
+        half = len(paths) // 2
+        return self._refused_among(paths[:half]) + self._refused_among(paths[half:])
+
+    def _handle_refusal(self, err: RuntimeError, feed: _Feed, step: int) -> None:
+        """After DALI failed at ``step``: find the in-flight files its decoder refuses; raise
+        (fail mode, or none found) or record them so that the pass resumes without them."""
+        in_flight = sorted({self.files[i] for k, slots in feed.slots.items() for i in slots})
+        cause = _one_line_cause(err).rstrip(" :")
+        refused = self._refused_among(in_flight)
+        if not refused:
+            raise DataError(f"DALI pipeline failed near {in_flight[0] if in_flight else '?'}: "
+                            f"{cause}") from None
+        if self.on_corrupt == "fail":
+            raise DataError(f"cannot decode image: {refused[0]} ({cause}); remove or replace "
+                            "the file, or set data.on_corrupt=skip") from None
+        for path in refused:
+            self.refused[path] = f"DALI cannot decode it: {cause}"
