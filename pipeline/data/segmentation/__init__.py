@@ -3,17 +3,19 @@
     train, val = build_segmentation_loaders(cfg.data, rank=r, world_size=w, seed=s, device=d)
     for step, (images, labels) in enumerate(train.epoch(epoch, start_step), start=start_step): …
     for images, labels in val: …          # whole images; val.image_files: this rank's, in order
+    test = build_eval_loader(cfg.data, "test", rank=r, world_size=w, device=d)   # any split
 
 ``images``: float32 NCHW normalised with ``data.mean`` / ``data.std``; ``labels``: int64 NHW of
 train ids, 255 = ignore; both on ``device``. Training batches are ``data.crop_size`` crops of
 the joint augmentation in ``augment.py``; their order, sharding and mid-epoch resume are the
 classification loader's (``order.py``: ``len(train)`` steps per epoch on every rank), and a
 sample's random window depends on (seed, epoch, sample index) alone, so a resumed epoch yields
-the very batches of an uninterrupted one. Validation reads every image
-exactly once over all ranks (rank r: images r, r+W, …) at full resolution; images of
-different sizes (VOC) in one batch are padded to the largest — image 0 before normalisation,
-label 255, so the padding never counts — and ``val.image_files`` gives each image's file to
-crop a prediction back to its size (``data.val_batch_size=1`` avoids the padding altogether).
+the very batches of an uninterrupted one. Validation reads every image exactly once over all
+ranks (rank r: images r, r+W, …) at full resolution; images of different sizes (VOC) in one
+batch are padded to the largest — image 0 before normalisation, label 255, so the padding
+never counts — and ``val.image_files`` gives each image's file, to crop a prediction back to
+its size (``predictions.py``); ``data.val_batch_size=1`` avoids the padding altogether (the
+padded border can still change predictions near the edge through the receptive field).
 ``data.backend``: ``dali`` (``dali_pairs.py``) or ``torchvision`` (``torch_pairs.py``), the same
 windows and pixel semantics. Layouts and their checks: ``layouts.py``. ``skipped`` lists the
 files of pairs dropped at scan time, ``skipped_at_decode`` counts label files whose values fell
@@ -119,7 +121,8 @@ def build_segmentation_loaders(cfg_data, *, rank: int, world_size: int, seed: in
 def build_eval_loader(cfg_data, split: str, *, rank: int, world_size: int,
                       device: torch.device | str = "cpu") -> SegValLoader:
     """Whole-image batches of any split (Cityscapes train / val / test, a VOC list name), e.g.
-    to write predictions; the split needs its label files (Cityscapes ships test labels)."""
+    to write predictions. The split needs its label files: Cityscapes' test labels exist but
+    hold only the calibration classes (ego vehicle, ROI), all ignored in evaluation."""
     _, val_batch_size = _checked_sizes(cfg_data, rank, world_size)
     device = torch.device(device)
     pairs = scan_split(cfg_data, split)
