@@ -392,7 +392,8 @@ class Run:
         if self.main:
             trained = self._build_model()  # a plain copy, free of DeepSpeed's hooks
             trained.load_state_dict(self.model.state_dict())
-            export_params = write_final(self.run_dir, trained, self.method, self.cfg)
+            export_params = write_final(self.run_dir, trained, self.method, self.cfg,
+                                        self.train_data.classes)
             (self.run_dir / FINAL_RECORD).write_text(json.dumps(record) + "\n")
             self.tracker.log_metrics({"export/params": export_params},
                                      self.engine.global_steps)
