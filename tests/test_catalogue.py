@@ -11,6 +11,8 @@ from pipeline.models import build_model
 from pipeline.models.summary import count_macs, count_params
 from pipeline.tracking.report.catalogue import load_catalogue, resolve
 
+pytestmark = pytest.mark.unit
+
 CATALOGUE = load_catalogue()
 
 

@@ -23,6 +23,8 @@ from pipeline.cli.main import main
 from pipeline.tracking.report import KIND_TAG, REPORT_KIND, read_runs
 from pipeline.tracking.report.plots import panel_pixels
 
+pytestmark = pytest.mark.e2e
+
 EXPERIMENT = "report-test"
 TINY = ["model.name=cifar_resnet8", "schedule.epochs=1", "engine.max_steps_per_epoch=3",
         "data.batch_size=16", "data.val_batch_size=120", "checkpoint.every_minutes=0",

@@ -2,8 +2,9 @@
 
 Each method has its own marker and colour; runs are filled markers, the papers' reported
 points (from the catalogue, same dataset and task) hollow ones labelled with the paper's name
-for the setting. Runs of the same architecture (a baseline and its method variants) are joined
-by a solid line, paper points of the same architecture and paper by a dashed one. On the MACs
+for the setting. A baseline is joined to each method variant of the same architecture by a grey
+line (solid for runs, dashed for a paper's points), several runs of one method on one
+architecture (a sweep) by a line of the method's colour. On the MACs
 axis a gated model sits at its dynamic MACs (what an image costs on average), every other
 model at its static MACs. Classification plots top-1, segmentation mIoU, on separate figures.
 """
@@ -18,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import EngFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from .catalogue import PaperPoint  # noqa: E402
 from .runs import RunRecord  # noqa: E402
@@ -61,18 +62,32 @@ def _paper_xy(point: PaperPoint, x_key: str, metric: str):
     return reported.get(x_name), reported.get(metric), approx
 
 
-def _join(ax, xy: list[tuple[float, float]], style: str) -> None:
-    if len(xy) > 1:
-        xs, ys = zip(*sorted(xy))
-        ax.plot(xs, ys, style, color="0.65", lw=1, zorder=1)
+def _join(ax, points: list[tuple[str, str, float, float]], style: str, styles: dict) -> None:
+    """Lines between the points (architecture, method, x, y) of one architecture: from its
+    baseline (the latest, when there are several) to every method variant, and along each
+    method's own points in x order (a sweep's trade-off curve)."""
+    by_model = defaultdict(list)
+    for model, method, x, y in points:
+        by_model[model].append((method, x, y))
+    for group in by_model.values():
+        baselines = [(x, y) for method, x, y in group if method == "baseline"]
+        for method, x, y in group:
+            if baselines and method != "baseline":
+                bx, by = baselines[-1]
+                ax.plot([bx, x], [by, y], style, color="0.65", lw=1, zorder=1)
+        curves = defaultdict(list)
+        for method, x, y in group:
+            curves[method].append((x, y))
+        for method, xy in curves.items():
+            if len(xy) > 1:
+                xs, ys = zip(*sorted(xy))
+                ax.plot(xs, ys, style, color=styles[method][1], lw=1, alpha=0.6, zorder=2)
 
 
 def _panel(ax, dataset: str, runs: list[RunRecord], points: list[PaperPoint], x_key: str,
-           metric: str, styles: dict) -> list[PaperPoint]:
-    """Draw one dataset's runs (each with both values) and the paper points that have both;
-    the paper points drawn."""
-    by_model = defaultdict(list)
-    xs = []
+           metric: str, styles: dict) -> None:
+    """Draw one dataset's runs and paper points (each with both values)."""
+    joined, xs = [], []
     for i, run in enumerate(runs):
         x, y = _run_xy(run, x_key)
         marker, color = styles[run.method]
@@ -80,34 +95,30 @@ def _panel(ax, dataset: str, runs: list[RunRecord], points: list[PaperPoint], x_
         if len(runs) <= LABELLED_RUNS:  # above and below in turn: close points stay legible
             ax.annotate(run.run, (x, y), xytext=(6, 5 if i % 2 == 0 else -11),
                         textcoords="offset points", fontsize=7)
-        by_model[run.model].append((x, y))
+        joined.append((run.model, run.method, x, y))
         xs.append(x)
-    for xy in by_model.values():
-        _join(ax, xy, "-")
-    by_setting, drawn = defaultdict(list), []
+    _join(ax, joined, "-", styles)
+    joined = []
     for point in points:
         x, y, approx = _paper_xy(point, x_key, metric)
-        if x is None or y is None:
-            continue
         marker, color = styles[point.method]
         ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color, s=70,
                    linewidths=1.4, zorder=3)
         label = f"{'≈ ' if approx else ''}{point.entry.setting} [{point.entry.paper}]"
         ax.annotate(label, (x, y), xytext=(5, -9), textcoords="offset points", fontsize=7,
                     color=color)
-        by_setting[(point.entry.paper, point.model)].append((x, y))
-        drawn.append(point)
+        joined.append((f"{point.entry.paper}/{point.model}", point.method, x, y))
         xs.append(x)
-    for xy in by_setting.values():
-        _join(ax, xy, "--")
+    _join(ax, joined, "--", styles)
     if xs and max(xs) > 5 * min(xs) > 0:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_title(dataset)
     ax.set_xlabel(X_AXES[x_key])
     ax.grid(True, which="major", alpha=0.3)
     ax.margins(x=0.15, y=0.12)
-    return drawn
 
 
 def plot(runs: list[RunRecord], points: list[PaperPoint], task: str, x_key: str,
@@ -119,22 +130,22 @@ def plot(runs: list[RunRecord], points: list[PaperPoint], task: str, x_key: str,
     datasets = sorted({r.dataset for r in runs})
     if not datasets:
         return None
-    points = [p for p in points if p.task == task and p.dataset in datasets]
+    points = [p for p in points if p.task == task and p.dataset in datasets and
+              None not in _paper_xy(p, x_key, metric)[:2]]
     methods = sorted({r.method for r in runs} | {p.method for p in points})
     styles = _styles(methods)
     fig, axes = plt.subplots(1, len(datasets), squeeze=False, layout="constrained",
                              figsize=(PANEL_INCHES[0] * len(datasets), PANEL_INCHES[1]))
-    drawn = [point for ax, dataset in zip(axes[0], datasets)
-             for point in _panel(ax, dataset, [r for r in runs if r.dataset == dataset],
-                                 [p for p in points if p.dataset == dataset], x_key, metric,
-                                 styles)]
+    for ax, dataset in zip(axes[0], datasets):
+        _panel(ax, dataset, [r for r in runs if r.dataset == dataset],
+               [p for p in points if p.dataset == dataset], x_key, metric, styles)
     axes[0][0].set_ylabel(y_label)
     handles = [Line2D([], [], marker=styles[m][0], color=styles[m][1], ls="", label=m)
                for m in methods]
-    if drawn:
+    if points:
         handles.append(Line2D([], [], marker="o", mfc="none", mec="0.3", ls="",
                               label="paper (hollow)"))
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return drawn
+    return points
