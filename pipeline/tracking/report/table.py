@@ -17,10 +17,9 @@ def si(value: float | None) -> str:
     """``269722`` → ``270K``, ``40551040`` → ``40.6M``: three significant digits."""
     if value is None:
         return ""
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= factor:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"), (1, "")):
+        if abs(value) >= 0.9995 * factor or factor == 1:  # 999,960 rounds to 1M, not 1e+03K
             return f"{value / factor:.3g}{prefix}"
-    return f"{value:.3g}"
 
 
 def percent(value: float | None) -> str:
