@@ -268,7 +268,8 @@ class ExportedCE(nn.Module):
         self.bd.weight.data.copy_((lam * ce.running_whiten).reshape(ce.channels, ce.d, 1, 1))
         self.gate = InstanceGate(ce.channels)
         self.gate.load_state_dict(ce.gate.state_dict())
-        kappa = ce.running_kappa if ce.running_kappa.item() > 0 else torch.ones(1)
+        kappa = ce.running_kappa if ce.running_kappa.item() > 0 else \
+            torch.ones_like(ce.running_kappa)
         self.register_buffer("ir_scale", (1 - lam) / kappa)
         self.to(ce.theta.device)
 

@@ -161,11 +161,13 @@ def _scatter_sum(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -
     """out[:, index[j]] += values[j] (repeated indices summed), in place; ``values`` is
     channel-major [n, N, H, W].
 
-    The same as ``out.index_add_(1, index, values.transpose(0, 1))``, whose CPU kernel along
-    dim 1 costs about as much as the rest of a 1×1 unit's step: the repeats are summed by one
-    matrix product with a one-hot matrix and the few distinct channels written back with
-    index_copy_.
+    ``out.index_add_(1, index, values.transpose(0, 1))`` off the CPU. Its CPU kernel along dim 1
+    costs about as much as the rest of a 1×1 unit's step, so on the CPU the repeats are summed
+    by one matrix product with a one-hot matrix and the few distinct channels written back with
+    index_copy_ (``unique`` reads its output size back to the host: a sync per step on a GPU).
     """
+    if out.device.type != "cpu":
+        return out.index_add_(1, index, values.transpose(0, 1))
     distinct, inverse = index.unique(return_inverse=True)
     onehot = F.one_hot(inverse, distinct.numel()).to(values.dtype)
     summed = (onehot.t() @ values.flatten(1)).view(-1, *values.shape[1:]).transpose(0, 1)
@@ -216,14 +218,31 @@ class SelectiveConv2d(nn.Module):
             H, W = x.shape[-2:]
             offset = self.shift[self.copy_dst] / ((H + W) / 4)
             x = copy_slots(x, offset, self.copy_dst, self.copy_src, self.fused_kernels)
-        norm, momentum = self.norm, self.norm.momentum
+        norm = self.norm
+        weight, bias = norm.weight * self.is_open, norm.bias * self.is_open
         if self.training:
             norm.num_batches_tracked.add_(1)
-            if momentum is None:  # nn.BatchNorm2d's cumulative average
-                momentum = 1.0 / float(norm.num_batches_tracked)
-        y = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight * self.is_open,
-                         norm.bias * self.is_open, self.training, momentum or 0.0, norm.eps)
+        if self.training and norm.momentum is None:
+            y = self._cumulative_batch_norm(x, weight, bias)
+        else:
+            y = F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias,
+                             self.training, norm.momentum or 0.0, norm.eps)
         return self.conv(F.relu(y, inplace=True))
+
+    def _cumulative_batch_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor) -> torch.Tensor:
+        """Training BN with nn.BatchNorm2d's cumulative average (momentum None):
+        running ← running + (batch − running) / num_batches_tracked, the factor kept on the
+        device (nn.BatchNorm2d reads the count back to the host, a sync per forward on a GPU)."""
+        norm = self.norm
+        batch_mean = torch.zeros_like(norm.running_mean)
+        batch_var = torch.zeros_like(norm.running_var)
+        # momentum 1 writes this batch's mean and unbiased variance into the zeroed buffers
+        y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, norm.eps)
+        factor = norm.num_batches_tracked.reciprocal().to(batch_mean.dtype)
+        norm.running_mean.lerp_(batch_mean, factor)
+        norm.running_var.lerp_(batch_var, factor)
+        return y
 
     def ecdm(self, normalize: bool = False) -> torch.Tensor:
         """The expected channel damage matrix [O, C] (row-normalised with ``normalize``)."""
