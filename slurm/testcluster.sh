@@ -175,9 +175,12 @@ nodes_ready() {  # nodes_ready N: all N nodes idle (or running jobs)
     ((ready == $1))
 }
 
-live() {  # live PID…: those still running
-    local pid
-    for pid; do if kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi; done
+live() {  # live PID…: those still running (a zombie that no init reaps is not)
+    local pid state
+    for pid; do
+        state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+        if [[ -n $state && $state != [ZX] ]]; then echo "$pid"; fi
+    done
 }
 
 stop_daemons() {  # stop_daemons PATTERN PIDFILE…: SIGTERM to all at once, SIGKILL after 10 s

@@ -1,11 +1,12 @@
 """The batch scripts on a real single-node SLURM cluster (slurm/testcluster.sh: slurm-wlm and
 munge from apt when missing, own ports, own state directory), logging to a real MLflow server.
 
-All jobs are submitted at once by the module fixture so that they share the two cores (the
-requeue job first: its test must signal it mid-training, so it runs first); each test then waits
-for its own job: (a) a training job runs to completion, (b) a job warned with
+All jobs are submitted at once by the module fixture so that they share the two cores; each
+test then waits for its own job: (a) a training job runs to completion, (b) a job warned with
 USR1 mid-training checkpoints, requeues itself and resumes into the same MLflow run, (c) a
-3-task sweep array gives one MLflow run per task under one tag.
+3-task sweep array gives one MLflow run per task under one tag. The warned job holds right after
+a given optimizer step (PIPELINE_HOLD_AT_STEP) until a stop request arrives, so USR1 always
+lands mid-training.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ BASELINE = config_path("digits/baseline.yaml")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 REQUEUE = dict(epochs=3, steps=8)
+HOLD_REQUEUE = 12  # the warned job holds after this step, mid-way through its second epoch
 
 
 def tiny(digits_root: Path, experiment: str, epochs: int, steps: int) -> list[str]:
@@ -39,18 +41,43 @@ def tiny(digits_root: Path, experiment: str, epochs: int, steps: int) -> list[st
             f"tracking.experiment={experiment}"]
 
 
-class Cluster:
-    def __init__(self, root: Path):
-        self.root = root
-        self.env = dict(os.environ, TESTCLUSTER_DIR=str(root / "slurm"),
-                        TESTCLUSTER_CTLD_PORT=str(free_port()),
-                        TESTCLUSTER_SLURMD_PORT=str(free_port()),
-                        SLURM_CONF=str(root / "slurm" / "slurm.conf"))
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free TCP ports (node i's slurmd listens on the i-th)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as s:
+                    s.bind(("", port))
+            return first
+        except OSError:
+            continue
 
-    def script(self, action: str) -> None:
-        out = subprocess.run(["bash", str(SLURM / "testcluster.sh"), action], env=self.env,
+
+class Cluster:
+    """A slurm/testcluster.sh cluster of ``nodes`` nodes in its own directory, on free ports."""
+
+    def __init__(self, root: Path, nodes: int = 1):
+        self.root = root
+        self.nodes = nodes
+        self.dir = root / "slurm"
+        self.conf = self.dir / "slurm.conf"
+        self.env = dict(os.environ, TESTCLUSTER_DIR=str(self.dir),
+                        TESTCLUSTER_CTLD_PORT=str(free_port()),
+                        TESTCLUSTER_SLURMD_PORT=str(free_ports(nodes)),
+                        SLURM_CONF=str(self.conf))
+
+    def script(self, *args: str) -> str:
+        out = subprocess.run(["bash", str(SLURM / "testcluster.sh"), *args], env=self.env,
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout + out.stderr
+        return out.stderr
+
+    def start(self) -> None:
+        self.script("start", "--nodes", str(self.nodes))
+
+    def stop(self) -> None:
+        self.script("stop")
 
     def run(self, *cmd: str, cwd: Path | None = None, env: dict | None = None) -> str:
         out = subprocess.run(cmd, cwd=cwd, env=env or self.env, capture_output=True, text=True,
@@ -67,15 +94,27 @@ class Cluster:
         return wait_until(lambda: (j := self.job(job_id))["JobState"] in TERMINAL and j,
                           timeout, f"job {job_id} to end", interval=1.0)
 
+    def wait_for_line(self, log: Path, job_id: str, text: str, timeout: float = 900) -> None:
+        """Until the job's log holds ``text``; fails at once if the job ends without it."""
+        def seen() -> bool:
+            if log.is_file() and text in log.read_text():
+                return True
+            state = self.job(job_id)["JobState"]
+            assert state not in TERMINAL, f"job {job_id} ended ({state}) before {text!r}: " + (
+                log.read_text()[-3000:] if log.is_file() else "no log")
+            return False
+
+        wait_until(seen, timeout, f"{text!r} in {log.name}", interval=0.5)
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if not (shutil.which("slurmctld") or os.geteuid() == 0):
         pytest.skip("SLURM is not installed and installing it needs root")
     c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.script("start")
+    c.start()
     yield c
-    c.script("stop")
+    c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +131,18 @@ def jobs(cluster, server, digits_root, tmp_path_factory):
     (work / "logs").mkdir()
     env = dict(cluster.env, MLFLOW_TRACKING_URI=server.url, DS_ACCELERATOR="cpu",
                PATH=f"{venv_commands(work / 'bin')}:{os.environ['PATH']}")
+    env.pop("PIPELINE_HOLD_AT_STEP", None)
 
-    def sbatch(*args: str) -> str:
-        return cluster.run("sbatch", "--parsable", *args, cwd=work, env=env).strip()
+    def sbatch(*args: str, hold: int | None = None) -> str:
+        job_env = dict(env, PIPELINE_HOLD_AT_STEP=str(hold)) if hold else env
+        return cluster.run("sbatch", "--parsable", *args, cwd=work, env=job_env).strip()
 
     sweep = work / "sweep.txt"
     sweep.write_text("# every line is one run of the array\n" + "".join(
         f"{BASELINE} optim.lr={lr}\n" for lr in (0.05, 0.1, 0.2)))
     ids = {
         "requeue": sbatch(str(SLURM / "train.sbatch"), BASELINE, "name=requeued",
-                          *tiny(digits_root, "slurm-requeue", **REQUEUE)),
+                          *tiny(digits_root, "slurm-requeue", **REQUEUE), hold=HOLD_REQUEUE),
         "sweep": sbatch("--array=0-2", str(SLURM / "sweep.sbatch"), str(sweep),
                         *tiny(digits_root, "slurm-sweep", 1, 2)).split(";")[0],
         "single": sbatch(str(SLURM / "train.sbatch"), BASELINE, "name=single",
@@ -135,6 +176,7 @@ def test_scripts_pass_shellcheck():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.cluster
 def test_sbatch_accepts_the_scripts(cluster, tmp_path):
     (tmp_path / "logs").mkdir()
     for args in (["--nodes=1", str(SLURM / "train.sbatch"), BASELINE],
@@ -144,18 +186,15 @@ def test_sbatch_accepts_the_scripts(cluster, tmp_path):
         assert out.returncode == 0 and "to start at" in out.stderr, out.stderr
 
 
+@pytest.mark.cluster
 def test_a_warned_job_checkpoints_requeues_and_resumes_into_the_same_run(cluster, server,
                                                                          jobs):
     ids, work, env = jobs
     job_id = ids["requeue"]
     client = MlflowClient(server.url)
-
-    def training_started():
-        experiment = client.get_experiment_by_name("slurm-requeue")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return runs and "train/loss" in runs[0].data.metrics and runs[0]
-
-    run = wait_until(training_started, 600, "the requeue job's first metric", interval=0.5)
+    cluster.wait_for_line(work / "logs" / f"pipeline-{job_id}.out", job_id,
+                          f"holding at step {HOLD_REQUEUE}")
+    [run] = client.search_runs([client.get_experiment_by_name("slurm-requeue").experiment_id])
     # What SLURM sends at --signal=B:USR1@… before the time limit, sent now.
     cluster.run("scancel", "--signal=USR1", "--batch", job_id, env=env)
     job = cluster.wait(job_id, 600)
@@ -180,6 +219,7 @@ def test_a_warned_job_checkpoints_requeues_and_resumes_into_the_same_run(cluster
     assert val_steps == [steps * (e + 1) for e in range(epochs)]
 
 
+@pytest.mark.cluster
 def test_a_training_job_completes_with_its_run_in_mlflow(cluster, server, jobs):
     ids, work, _ = jobs
     job = cluster.wait(ids["single"], 600)
@@ -193,6 +233,7 @@ def test_a_training_job_completes_with_its_run_in_mlflow(cluster, server, jobs):
     assert run.data.metrics["val/top1"] == pytest.approx(final["val_top1"])
 
 
+@pytest.mark.cluster
 def test_a_sweep_array_gives_one_run_per_task_under_one_tag(cluster, server, jobs):
     ids, work, _ = jobs
     array_id = ids["sweep"]
