@@ -168,6 +168,7 @@ def finals(log: Path) -> list[dict]:
             if line.startswith('{"event": "final"')]
 
 
+@pytest.mark.unit
 def test_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
     scripts = [str(p) for p in sorted(SLURM.iterdir()) if p.suffix in (".sbatch", ".sh")]
