@@ -85,17 +85,24 @@ def store(tmp_path_factory, digits_root) -> Store:
 
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory, digits_root) -> Path:
-    """A catalogue with one paper point on digits, so that the plots overlay it."""
+    """A catalogue with two paper points on digits: one placed on both plots, one with only
+    an accuracy (a level line), and a third on another dataset that no plot shows."""
     root = tmp_path_factory.mktemp("catalogue")
-    (root / "gated_resnet8.yaml").write_text(
-        f"defaults: [{config_path('digits/gated.yaml')}]\n"
-        f"data: {{root: {digits_root}}}\nmodel: {{name: cifar_resnet8}}\n")
+    for method in ("baseline", "gated"):
+        (root / f"{method}_resnet8.yaml").write_text(
+            f"defaults: [{config_path(f'digits/{method}.yaml')}]\n"
+            f"data: {{root: {digits_root}}}\nmodel: {{name: cifar_resnet8}}\n")
     path = root / "experiments.yaml"
     path.write_text("papers: {gated: {title: Batch-Shaping}}\n"
                     "experiments:\n"
                     "  - {config: gated_resnet8.yaml, paper: gated, setting: Paper-Gated-R8,\n"
                     "     table: null, source: test point,\n"
-                    "     reported: {top1: 60.0, params: 80000, dynamic_macs: 6.0e6}}\n")
+                    "     reported: {top1: 60.0, params: 80000, dynamic_macs: 6.0e6}}\n"
+                    "  - {config: baseline_resnet8.yaml, paper: gated, setting: Paper-R8-level,\n"
+                    "     table: null, source: test level, reported: {top1: 95.0}}\n"
+                    f"  - {{config: {config_path('cifar10/resnet20_csg.yaml')}, paper: gated,\n"
+                    "     setting: Paper-CIFAR, table: null, source: elsewhere,\n"
+                    "     reported: {top1: 91.0, params: 312218}}\n")
     return path
 
 
@@ -167,7 +174,9 @@ def test_table_holds_the_runs_logged_values(store, report):
     assert "| 71.25 | 95.31 | 80000 | 11.0 | 1:02:03 | 0123456789 |" in results
     assert "still-running" in apart and "crashed" in apart and "RuntimeError: boom" in apart
     assert "still-running" not in results and "crashed" not in results
-    assert "Paper-Gated-R8" in markdown  # the catalogue's point on this dataset is drawn
+    drawn = markdown.split("## Paper points")[1]  # the catalogue's points on digits
+    assert "Paper-Gated-R8" in drawn and "Paper-R8-level" in drawn
+    assert "Paper-CIFAR" not in drawn
 
 
 def test_plots_are_pngs_of_the_expected_size(report):

@@ -2,7 +2,9 @@
 
 Each method has its own marker and colour; runs are filled markers, the papers' reported
 points (from the catalogue, same dataset and task) hollow ones labelled with the paper's name
-for the setting. A baseline is joined to each method variant of the same architecture by a grey
+for the setting (an accuracy reported without this axis' number is a dotted level line, drawn
+when a run has that architecture). A
+baseline is joined to each method variant of the same architecture by a grey
 line (solid for runs, dashed for a paper's points), several runs of one method on one
 architecture (a sweep) by a line of the method's colour. On the MACs
 axis a gated model sits at its dynamic MACs (what an image costs on average), every other
@@ -62,6 +64,19 @@ def _paper_xy(point: PaperPoint, x_key: str, metric: str):
     return reported.get(x_name), reported.get(metric), approx
 
 
+def _shown(points: list[PaperPoint], runs: list[RunRecord], x_key: str,
+           metric: str) -> list[PaperPoint]:
+    """The paper points of a panel: those with an accuracy and this axis' number, and those
+    with only an accuracy (a level line) when a run has their architecture."""
+    models = {r.model for r in runs}
+    out = []
+    for point in points:
+        x, y, _ = _paper_xy(point, x_key, metric)
+        if y is not None and (x is not None or point.model in models):
+            out.append(point)
+    return out
+
+
 def _join(ax, points: list[tuple[str, str, float, float]], style: str, styles: dict) -> None:
     """Lines between the points (architecture, method, x, y) of one architecture: from its
     baseline (the latest, when there are several) to every method variant, and along each
@@ -86,7 +101,8 @@ def _join(ax, points: list[tuple[str, str, float, float]], style: str, styles: d
 
 def _panel(ax, dataset: str, runs: list[RunRecord], points: list[PaperPoint], x_key: str,
            metric: str, styles: dict) -> None:
-    """Draw one dataset's runs and paper points (each with both values)."""
+    """Draw one dataset's runs (each with both values) and paper points (each with an
+    accuracy; one without this axis' number is drawn as a level line)."""
     joined, xs = [], []
     for i, run in enumerate(runs):
         x, y = _run_xy(run, x_key)
@@ -102,9 +118,14 @@ def _panel(ax, dataset: str, runs: list[RunRecord], points: list[PaperPoint], x_
     for point in points:
         x, y, approx = _paper_xy(point, x_key, metric)
         marker, color = styles[point.method]
+        label = f"{'≈ ' if approx else ''}{point.entry.setting} [{point.entry.paper}]"
+        if x is None:  # an accuracy without this axis' number: a level across the panel
+            ax.axhline(y, ls=":", lw=1, color=color, zorder=1)
+            ax.annotate(f"{label}: {y:g}", (0.01, y), xycoords=("axes fraction", "data"),
+                        xytext=(0, 2), textcoords="offset points", fontsize=7, color=color)
+            continue
         ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color, s=70,
                    linewidths=1.4, zorder=3)
-        label = f"{'≈ ' if approx else ''}{point.entry.setting} [{point.entry.paper}]"
         ax.annotate(label, (x, y), xytext=(5, -9), textcoords="offset points", fontsize=7,
                     color=color)
         joined.append((f"{point.entry.paper}/{point.model}", point.method, x, y))
@@ -130,21 +151,22 @@ def plot(runs: list[RunRecord], points: list[PaperPoint], task: str, x_key: str,
     datasets = sorted({r.dataset for r in runs})
     if not datasets:
         return None
-    points = [p for p in points if p.task == task and p.dataset in datasets and
-              None not in _paper_xy(p, x_key, metric)[:2]]
+    panels = {d: [r for r in runs if r.dataset == d] for d in datasets}
+    shown = {d: _shown([p for p in points if p.task == task and p.dataset == d], panels[d],
+                       x_key, metric) for d in datasets}
+    points = [p for d in datasets for p in shown[d]]
     methods = sorted({r.method for r in runs} | {p.method for p in points})
     styles = _styles(methods)
     fig, axes = plt.subplots(1, len(datasets), squeeze=False, layout="constrained",
                              figsize=(PANEL_INCHES[0] * len(datasets), PANEL_INCHES[1]))
     for ax, dataset in zip(axes[0], datasets):
-        _panel(ax, dataset, [r for r in runs if r.dataset == dataset],
-               [p for p in points if p.dataset == dataset], x_key, metric, styles)
+        _panel(ax, dataset, panels[dataset], shown[dataset], x_key, metric, styles)
     axes[0][0].set_ylabel(y_label)
     handles = [Line2D([], [], marker=styles[m][0], color=styles[m][1], ls="", label=m)
                for m in methods]
     if points:
         handles.append(Line2D([], [], marker="o", mfc="none", mec="0.3", ls="",
-                              label="paper (hollow)"))
+                              label="paper (hollow; dotted: no x)"))
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
