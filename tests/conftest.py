@@ -17,6 +17,18 @@ def pytest_configure(config):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from pipeline.data.digits import write_digits

@@ -418,7 +418,8 @@ class GatedComputeMeter:
 
     def sums(self) -> dict[str, torch.Tensor]:
         device = self._dynamic_gated.device if self._dynamic_gated is not None else None
-        scalar = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)  # noqa: E731
+        # filled on the device: torch.tensor(v, device=…) would be a blocking host copy
+        scalar = lambda v: torch.full((), float(v), dtype=torch.float64, device=device)  # noqa: E731
         gated = self._dynamic_gated if self._dynamic_gated is not None else scalar(0)
         on = [self._on.get(g, torch.zeros(g.fc2.out_features, dtype=torch.float64,
                                           device=device)) for g in self.gates]
