@@ -1,23 +1,40 @@
-"""``pipeline eval CONFIG CHECKPOINT [key=value …]``: validation metrics of saved weights."""
+"""``pipeline eval [CONFIG] CHECKPOINT [key=value …]``: validation metrics of saved weights.
+
+CHECKPOINT: final.pt, exported.pt, a converted final.pt (``pipeline import``) or a DeepSpeed
+checkpoint / tag directory. Without CONFIG the config saved with the checkpoint is used (a
+DeepSpeed directory: the run's config.yaml); overrides apply on top. Only the val split is read.
+"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+
+def paths_and_overrides(items: list[str]) -> tuple[str | None, str, list[str]]:
+    """``[CONFIG] CHECKPOINT [key=value …]`` → (CONFIG or None, CHECKPOINT, overrides)."""
+    split = next((i for i, item in enumerate(items) if "=" in item), len(items))
+    paths, overrides = items[:split], items[split:]
+    if len(paths) not in (1, 2):
+        raise ValueError(f"expected [CONFIG] CHECKPOINT [key=value …], got {len(paths)} paths "
+                         f"before the overrides: {paths}")
+    return (paths[0] if len(paths) == 2 else None), paths[-1], overrides
 
 
 def run(args) -> int:
-    from pipeline.config import load_config
     from pipeline.engine import evaluate_checkpoint
+    from pipeline.engine.artifacts import checkpoint_config, read_checkpoint
 
-    result = evaluate_checkpoint(load_config(args.config, args.overrides), Path(args.checkpoint))
+    config, path, overrides = paths_and_overrides(args.args)
+    checkpoint = read_checkpoint(path)
+    result = evaluate_checkpoint(checkpoint_config(checkpoint, config, overrides), checkpoint)
     if result is not None:
         print(json.dumps({"event": "eval", **result}), flush=True)
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
-    p.add_argument("config")
-    p.add_argument("checkpoint", help="final.pt, or a checkpoint directory / tag directory")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (the config "
+                                    "saved with it unless CONFIG is given)")
+    p.add_argument("args", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value …]",
+                   help="CHECKPOINT: final.pt, exported.pt, a converted final.pt or a DeepSpeed "
+                        "checkpoint / tag directory")
     p.set_defaults(func=run)

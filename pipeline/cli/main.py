@@ -14,11 +14,26 @@ import warnings
 from importlib import import_module
 
 # The command modules, in the order `pipeline --help` lists them.
-COMMANDS = ["train", "evaluate", "data", "summary", "mlflow_sync", "report", "importer"]
+COMMANDS = ["train", "evaluate", "export", "data", "summary", "mlflow_sync", "report", "importer"]
+
+
+class _Version(argparse.Action):
+    """``--version``: the package version and the git commit of this checkout, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and git commit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pipeline import __version__
+        from pipeline.tracking import run_tags
+
+        print(f"pipeline {__version__} (git commit {run_tags(1)['git_commit']})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         import_module(f"{__package__}.{name}").add_parser(sub)

@@ -3,24 +3,22 @@
 The task supplies the forward (whole image or sliding window) and the meter (top-k counts, a
 confusion matrix); method meters (dynamic MACs, inhibited channels) ride along. Nothing is
 read back to the host until the sums of all ranks are in. ``evaluate_checkpoint`` is
-``pipeline eval``: the same evaluation of saved weights.
+``pipeline eval``: the same evaluation of saved weights, reading only the val split.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.data import build_loaders
+from pipeline.data import DataError, build_val_loader
 from pipeline.methods import EvalMeter, Method, get_method
-from pipeline.models import build_model
 from pipeline.models.diagnostics import InhibitedChannels
 from pipeline.tasks import Task, build_task
 
-from . import checkpoint as ckpt
+from . import artifacts
 from .distributed import all_reduce_sum, place, setup, teardown
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,25 +69,41 @@ def evaluate(model: nn.Module, batches: Iterable, task: Task, device: torch.devi
     return result
 
 
-def evaluate_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
-    """Validation metrics (and the method's meters and metrics) of saved weights; the result
-    on rank 0, None elsewhere."""
+def val_classes(val_data) -> list[str]:
+    """The class names of a val loader: its class folders, or a segmentation split's label
+    table (``SegValLoader`` has no ``classes``)."""
+    if hasattr(val_data, "classes"):
+        return list(val_data.classes)
+    return list(val_data.split.table.classes)
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: artifacts.Checkpoint) -> dict | None:
+    """Validation metrics of saved weights (``artifacts.read_checkpoint``) under ``cfg``; the
+    result on rank 0, None elsewhere. Reads only the val split; its class folders are the
+    classes. The method's meters and metrics describe its training form, so an exported.pt
+    gets the task's metrics (and the inhibited-channel diagnostic) only."""
     where = place()
-    train_data, val_data = build_loaders(cfg.data, rank=where.rank,
-                                         world_size=where.world_size,
-                                         seed=cfg.engine.seed, device=where.device)
-    task = build_task(cfg, train_data.classes)
+    val_data = build_val_loader(cfg.data, rank=where.rank, world_size=where.world_size,
+                                device=where.device)
+    classes = val_classes(val_data)
+    if checkpoint.classes and list(checkpoint.classes) != classes:
+        raise DataError(f"the class folders of {cfg.data.root}/val differ from the classes "
+                        f"{checkpoint.path} was trained on ({len(checkpoint.classes)} classes, "
+                        f"first {checkpoint.classes[:3]})")
+    task = build_task(cfg, classes)
+    model = artifacts.build_saved_model(
+        checkpoint, cfg, artifacts.num_classes_of(cfg, checkpoint, len(classes)))
     method = get_method(cfg.method.name, **cfg.method.opts)
-    model = build_model(cfg.model.name, cfg.model.num_classes or train_data.num_classes,
-                        method=cfg.method.name, **cfg.model.opts)
-    model.load_state_dict(ckpt.load_module_state(path))
+    meters = [InhibitedChannels(cfg.engine.inhibited_threshold)] if checkpoint.exported else \
+        eval_meters(cfg, method, model)
     dist = setup()
     try:
         fmt = memory_format(cfg, dist.device)
         model.to(dist.device, memory_format=fmt)
-        result = evaluate(model, val_data, task, dist.device, eval_meters(cfg, method, model),
+        result = evaluate(model, val_data, task, dist.device, meters,
                           AUTOCAST[cfg.engine.precision], fmt)
-        result.update({f"method/{k}": v for k, v in method.metrics(model).items()})
+        if not checkpoint.exported:
+            result.update({f"method/{k}": v for k, v in method.metrics(model).items()})
         return result if dist.is_main else None
     finally:
         teardown()
