@@ -18,7 +18,7 @@ from pipeline.cli.main import main
 from pipeline.config import to_yaml
 from pipeline.data import build_val_loader
 from pipeline.engine.artifacts import load_saved
-from test_export import digits_config, write_saved
+from test_export import digits_config, segmentation, write_saved  # noqa: F401 (fixture)
 
 TORCHVISION = ("data.backend=torchvision", "data.workers=0")
 
@@ -111,6 +111,17 @@ def test_eval_of_a_converted_checkpoint_without_config(tmp_path, digits_root, pi
     capsys.readouterr()
     record = evaluated(pipeline_cli, str(out), f"data.root={digits_root}")
     assert record["samples"] == 360 and record["method/params"] == 160_450
+
+
+@pytest.mark.e2e
+def test_eval_of_a_segmentation_model_without_config(segmentation, pipeline_cli):
+    final, root = segmentation
+    record = evaluated(pipeline_cli, str(final), f"data.root={root}")
+    from pipeline.data.segmentation.labels import cityscapes_classes
+
+    assert record["samples"] == 4 and 0 <= record["miou"] <= 1, record
+    ious = [k[len("iou/"):] for k in record if k.startswith("iou/")]
+    assert ious and set(ious) <= set(cityscapes_classes())   # the val split's label table
 
 
 def test_version_prints_the_version_and_commit():

@@ -224,6 +224,42 @@ def test_register_logs_a_servable_onnx_model(saved, digits_root, tmp_path, capsy
     within_tolerance(torch.from_numpy(np.asarray(actual)), expected)
 
 
+@pytest.fixture(scope="module")
+def segmentation(tmp_path_factory) -> tuple[Path, Path]:
+    """A DeepLabV3 (ResNet-18) final.pt and a small synthetic Cityscapes tree (4 val scenes)."""
+    from pipeline.data.segmentation.labels import cityscapes_classes
+    from pipeline.data.segmentation.synth import write_cityscapes_synth
+
+    base = tmp_path_factory.mktemp("segmentation")
+    root = base / "cityscapes"
+    write_cityscapes_synth(root, size=(128, 64), count=20)
+    cfg = load_config(config_path("cityscapes/synth_deeplabv3.yaml"),
+                      [f"data.root={root}", "data.backend=torchvision", "data.workers=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, 19, **cfg.model.opts)
+    write_final(base, model, get_method("baseline"), cfg, list(cityscapes_classes()))
+    return base / "final.pt", root
+
+
+@pytest.mark.e2e
+def test_a_segmentation_model_exports_its_out_logits(segmentation, tmp_path, capsys):
+    final, root = segmentation
+    out = tmp_path / "deeplab.onnx"
+    code, record = run_cli(capsys, "export", str(final), f"data.root={root}",
+                           "--format", "onnx", "--out", str(out))
+    assert code == 0, record
+    assert record["images"] == 4 and record["max_abs_delta"] <= record["tolerance"]
+    import onnxruntime
+
+    images = torch.randn(3, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    actual = torch.from_numpy(session.run(["output"], {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = load_saved(final).model(images)["out"]
+    assert actual.shape == expected.shape == (3, 19, 64, 128)
+    within_tolerance(actual, expected)
+
+
 def test_register_needs_onnx(saved, digits_root, tmp_path, capsys):
     code, err = run_cli(capsys, "export", str(saved["ce"]), f"data.root={digits_root}",
                         "--format", "torchscript", "--out", str(tmp_path / "x.pt"),
