@@ -18,7 +18,9 @@ makes a traced or ONNX graph safe to run on batches other than the example.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from dataclasses import dataclass
 
 import torch
@@ -78,5 +80,7 @@ def capture(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedPr
     """``torch.export`` of ``module`` at ``example`` (at least 2 images) with the batch size
     left dynamic."""
     batch = torch.export.Dim("batch")
-    with torch.no_grad():
+    # a failed export prints its partial graph (hundreds of lines) to stderr; the exception
+    # says why in its first line, which is what the caller reports
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
