@@ -3,9 +3,8 @@
 Writes ~500×375 JPEGs of smooth random content (ImageNet-sized, ~40–60 KB) into a temp
 ImageNet-layout tree, builds both loaders through ``build_loaders`` (imagenet recipe at 224,
 ``workers`` threads / worker processes each), and times whole training epochs of each,
-interleaved, after a warm-up epoch. Each timed epoch is a new epoch number, so the DALI figure
-includes its per-epoch pipeline rebuild, also timed alone (and for a 100k-file list). Also
-times the layout scan (the corrupt-file check).
+interleaved, after a warm-up epoch (each timed epoch a new epoch number). Also times the
+listing of the tree with the scan-time corrupt check (what the scan index saves at a start).
 On a shared machine wall-clock rates follow the load; the CPU time per image (this process's
 threads plus the DataLoader worker processes) is the load-independent efficiency figure.
 
@@ -28,8 +27,7 @@ from PIL import Image
 from benchmarks.common import emit, median_seconds
 from pipeline.config import DataConfig
 from pipeline.data import build_loaders
-from pipeline.data.dali_backend import recipe_pipeline
-from pipeline.data.layout import scan
+from pipeline.data.index import list_tree
 
 CLASSES = 4
 
@@ -65,16 +63,6 @@ def epoch_runner(loader, cpu: list[float]):
     return run
 
 
-def rebuild_seconds(source, files: int) -> float:
-    """Construct and build the DALI train pipeline over a list of ``files`` paths."""
-    reps = -(-files // len(source.files))
-    paths, labels = (source.files * reps)[:files], (source.labels * reps)[:files]
-    start = time.perf_counter()
-    recipe_pipeline(paths, labels, source.recipe, True, False, batch_size=source.batch_size,
-                    num_threads=source.threads, device_id=None, seed=0).build()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -86,7 +74,7 @@ def main() -> None:
         root = Path(tmp)
         write_jpegs(root, args.images)
         start = time.perf_counter()
-        scan(root)
+        list_tree(str(root))
         scan_us = (time.perf_counter() - start) / (args.images + 2 * CLASSES) * 1e6
         emit({"benchmark": "loader.scan", "files": args.images + 2 * CLASSES,
               "us_per_file": round(scan_us, 1)})
@@ -97,10 +85,6 @@ def main() -> None:
             train, _ = build_loaders(cfg, rank=0, world_size=1, seed=0, device="cpu")
             cpu[backend] = []
             runners[backend] = epoch_runner(train, cpu[backend])
-            if backend == "dali":
-                for files in (args.images, 100_000):
-                    emit({"benchmark": "loader.dali_rebuild", "files": files,
-                          "seconds": round(rebuild_seconds(train.source, files), 3)})
             images = len(train) * args.batch_size
         seconds = median_seconds(runners, repeats=args.repeats, warmup=1)
     rates = {name: images / s for name, s in seconds.items()}

@@ -22,6 +22,7 @@ from pipeline.config import DataConfig
 from pipeline.data import DataError, build_loaders
 from pipeline.data.digits import write_digits
 from pipeline.data.index import scan
+from pipeline.data.recipe import DRAWS, recipe_from_config, sample_draws, train_crops
 
 CLASSES = ("ant", "bee", "cat")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 5
@@ -259,7 +260,10 @@ def test_each_kind_of_corrupt_file_ends_the_same_way_in_both_backends(tmp_path, 
             build_loaders(cfg(on_corrupt="fail"), rank=0, world_size=1, seed=0)
         _one_line_error(e, "corrupt or non-image file", bad[0])
         return
-    train, val = build_loaders(cfg(on_corrupt="fail", workers=2), rank=0, world_size=1, seed=0)
+    # (worker processes once: a DataLoader whose worker raised takes ~5 s per worker to close)
+    workers = {"dali": 1, "torchvision": 2 if kind == "mid-stream damage" else 0}[backend]
+    train, val = build_loaders(cfg(on_corrupt="fail", workers=workers), rank=0, world_size=1,
+                               seed=0)
     if kind in DECODED_EVERYWHERE:
         assert len(_epoch_ids(train, 0)) == 5 and len(list(val)) == 2
         return
@@ -329,6 +333,56 @@ def test_resume_reads_exactly_the_remaining_batches(tree, backend):
     assert _epoch_ids(train, 4, start_step=len(train)) == []
 
 
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory) -> Path:
+    """3 classes × 8 train images of random texture (so that crops and flips show), 1 val each."""
+    root = tmp_path_factory.mktemp("textured")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 8), ("val", 1)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                pixels = (rng.random((6, 8, 3)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).resize((48, 36), Image.Resampling.BICUBIC).save(
+                    root / split / name / f"{k}.jpg", quality=95)
+    return root
+
+
+RESUMED = r"""
+import sys, torch
+from pipeline.config import DataConfig
+from pipeline.data import build_loaders
+root, backend, out = sys.argv[1:4]
+cfg = DataConfig(root=root, backend=backend, recipe="imagenet", image_size=16, batch_size=2,
+                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], workers=2, scale=[0.2, 1.0])
+train, _ = build_loaders(cfg, rank=1, world_size=2, seed=3)
+torch.save(list(train.epoch(2, start_step=3)), out)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_is_bit_identical_with_the_augmentation(textured, backend, tmp_path):
+    """Batches k… of an epoch read from start_step k — in this process and in a restarted one
+    — equal those of the uninterrupted epoch exactly, random crops and flips included."""
+    cfg = _cfg(textured, backend=backend, batch_size=2, workers=2, scale=[0.2, 1.0])
+    train, _ = build_loaders(cfg, rank=1, world_size=2, seed=3)
+    full = list(train.epoch(2))
+    assert len(full) == 6
+    resumed = list(train.epoch(2, start_step=3))
+    subprocess.run([sys.executable, "-c", RESUMED, str(textured), backend,
+                    str(tmp_path / "resumed.pt")], check=True, env={**os.environ,
+                                                                    "OMP_NUM_THREADS": "1"})
+    restarted = torch.load(tmp_path / "resumed.pt")
+    for batches in (resumed, restarted):
+        assert len(batches) == 3
+        for (x, y), (xr, yr) in zip(full[3:], batches):
+            assert torch.equal(x, xr) and torch.equal(y, yr)
+    if backend == "torchvision":   # nor does it depend on the worker processes
+        single, _ = build_loaders(_cfg(textured, backend=backend, batch_size=2, workers=0,
+                                       scale=[0.2, 1.0]), rank=1, world_size=2, seed=3)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(full, single.epoch(2)))
+
+
 # ---- recipes ---------------------------------------------------------------------------------
 
 MEAN, STD = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
@@ -360,3 +414,39 @@ def test_recipe_shapes_dtypes_and_normalisation(tree, backend, recipe, size):
         content = image[:, ~padded]
         assert recipe == "cifar" or not padded.any()
         assert torch.allclose(content, content[:, :1].expand_as(content), atol=3 / 255 / min(STD))
+
+
+def test_sample_draws_depend_only_on_key_and_index():
+    draws = sample_draws(7, [3, 9, 4])
+    assert draws.shape == (3, DRAWS) and ((draws >= 0) & (draws < 1)).all()
+    assert np.array_equal(draws[1], sample_draws(7, [9])[0])
+    assert not np.array_equal(draws[1], sample_draws(8, [9])[0])
+    assert not np.array_equal(draws[1], draws[2])
+
+
+def test_train_crops_follow_the_recipes():
+    rng = np.random.default_rng(0)
+    n = 4000
+    sizes = rng.integers(1, 400, (n, 2))
+    draws = sample_draws(1, range(n))
+    recipe = recipe_from_config(_cfg(".", recipe="imagenet", scale=[0.08, 1.0],
+                                     ratio=[0.75, 4 / 3], image_size=16))
+    c = train_crops(recipe, draws, sizes)
+    width, height = sizes[:, 0], sizes[:, 1]
+    assert ((c.w >= 1) & (c.h >= 1) & (c.x >= 0) & (c.y >= 0)).all()
+    assert ((c.x + c.w <= width) & (c.y + c.h <= height)).all()
+    # A try that fits keeps its area and aspect ratio (up to rounding to whole pixels); images
+    # too small or too narrow for every try get the centred fallback.
+    tried = (c.w * c.h < width * height) & (width >= 20) & (height >= 20)
+    area = c.w * c.h / (width * height)
+    assert (area[tried] >= 0.08 * 0.8).all() and tried.mean() > 0.5
+    aspect = c.w / c.h
+    assert ((aspect[tried] > 0.75 * 0.85) & (aspect[tried] < 4 / 3 / 0.85)).all()
+    assert 0.45 < c.flip.mean() < 0.55
+    wide = train_crops(recipe, draws[:1], [(3000, 10)])   # no try fits: h >= 42 > 10
+    assert (wide.w[0], wide.h[0], wide.x[0], wide.y[0]) == (13, 10, 1493, 0)
+
+    cifar = recipe_from_config(_cfg(".", recipe="cifar", image_size=32, pad=4))
+    c = train_crops(cifar, draws, np.full((n, 2), 32))
+    assert (c.w == 32).all() and (c.h == 32).all()
+    assert c.x.min() == c.y.min() == -4 and c.x.max() == c.y.max() == 4

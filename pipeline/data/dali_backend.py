@@ -1,13 +1,15 @@
 """DALI pipelines for the recipes, fed the encoded files of an explicit sample list per pass.
 
-Each pass (a train epoch, or one validation sweep) builds a fresh pipeline (~40 ms: it holds no
-file list) whose external source is fed batch by batch, in order, from the rank's sample list
-(the order comes from ``order.py``). Files are read ahead on ``threads`` threads, and each is
-checked there (``layout.encoded_size``: marker structure, image size) before DALI sees it; the
-per-sample crop windows and flips come from ``recipe.train_crops`` — a function of the pass key
-and the sample index only, so a pass started at ``start_step`` decodes exactly the batches
-``start_step…`` of the uninterrupted pass. Runs are scheduled by hand (``prefetch`` ahead), only
-for the list's batches.
+One pipeline per source (train / val), built at its first pass and reused by every later one
+(train epochs, validation sweeps): its external source is fed batch by batch, in order, from
+the rank's sample list (the order comes from ``order.py``), so it holds no file list and is
+never rebuilt — a pipeline per pass left ~0.6 MB per pass in reference cycles until a full
+garbage collection (``benchmarks/rss.py``). Files are read ahead on ``threads`` threads and
+checked there (``layout.encoded_size``: marker structure, image size) before DALI sees them;
+the crop windows and flips come from ``recipe.train_crops``, a function of the pass key and the
+sample index only, so a pass started at ``start_step`` decodes exactly the batches
+``start_step…`` of the uninterrupted pass. Runs are scheduled by hand, ``prefetch`` ahead and
+only for the pass's batches; one pass at a time per source.
 
 Without CUDA (``device`` is a CPU device) every operator runs on the CPU with
 ``device_id=None``; with a CUDA device the decoder is ``mixed`` (nvJPEG, on that GPU) and the
@@ -116,6 +118,10 @@ def _read(path: str, refused: dict[str, str]):
         return err
 
 
+class PassSuperseded(RuntimeError):
+    """An unfinished pass resumed after a later pass of its source began."""
+
+
 class _Feed:
     """Batches of one pass from ``step`` on, for the pipeline's external source; files are
     read ``ahead`` batches in advance on ``pool``."""
@@ -135,7 +141,10 @@ class _Feed:
             self.reads[step] = [self.pool.submit(_read, p, self.source.refused) for p in paths]
 
     def __call__(self):
-        step = self.next
+        # A new pipeline queues `prefetch` runs at once: past the pass's end it is given the
+        # last batch again, decoded and dropped (DaliSource._drain).
+        last = -(-len(self.indices) // self.source.batch_size) - 1
+        step = min(self.next, last)
         self.next += 1
         for k in range(step, step + self.ahead + 1):
             self._submit(k)
@@ -170,6 +179,13 @@ class DaliSource:
         self.skips = DecodeSkips()
         self.refused: dict[str, str] = {}   # files DALI's decoder refused: path → cause
         self.device = device
+        # One pipeline and one reading pool for every pass (a pipeline per pass left ~0.6 MB
+        # per pass in reference cycles until a full garbage collection: benchmarks/rss.py).
+        self.pool: ThreadPoolExecutor | None = None
+        self.pipe = None
+        self.feed: _Feed | None = None   # the running pass, read by the pipeline's source
+        self.queued = 0                  # runs scheduled and not yet consumed
+        self.pass_id = 0
         self.device_id = None
         if device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -179,32 +195,61 @@ class DaliSource:
         ``key`` seeds the per-sample augmentation (``recipe.sample_draws``)."""
         steps = -(-len(indices) // self.batch_size)
         step = 0
-        with ThreadPoolExecutor(self.threads) as pool:
-            while step < steps:
-                feed = _Feed(self, indices, key, step, pool, self.prefetch)
-                try:
-                    for images in self._run(feed, steps - step):
-                        yield images, feed.labels.pop(step).to(self.device, non_blocking=True)
-                        feed.slots.pop(step)
-                        step += 1
-                except RuntimeError as err:
-                    self._handle_refusal(err, feed, step)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-read")
+        while step < steps:
+            feed = _Feed(self, indices, key, step, self.pool, self.prefetch)
+            try:
+                for images in self._run(feed, steps - step):
+                    yield images, feed.labels.pop(step).to(self.device, non_blocking=True)
+                    feed.slots.pop(step)
+                    step += 1
+            except PassSuperseded:
+                raise
+            except RuntimeError as err:   # DALI's error: the pipeline does not run again
+                self.pipe, self.queued = None, 0
+                self._handle_refusal(err, feed, step)
+
+    def _next_batch(self):
+        return self.feed()
 
     def _run(self, feed: _Feed, steps: int) -> Iterator[torch.Tensor]:
-        depth = min(self.prefetch, steps)
-        pipe = recipe_pipeline(feed, self.recipe, self.train, self.device_id is not None,
-                               batch_size=self.batch_size, num_threads=self.threads,
-                               device_id=self.device_id, prefetch_queue_depth=depth)
-        # The first call queues `depth` runs, each later one a single run: only this list's
-        # batches are ever decoded.
-        pipe.schedule_run()
+        """Decode the ``steps`` batches ``feed`` gives, keeping ``prefetch`` runs queued (and
+        no more than the pass needs, except on a new pipeline: see ``_Feed``)."""
+        self._drain()
+        self.feed = feed
+        pass_id = self.pass_id = self.pass_id + 1
+        if self.pipe is None:
+            self.pipe = recipe_pipeline(
+                self._next_batch, self.recipe, self.train, self.device_id is not None,
+                batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
+                prefetch_queue_depth=self.prefetch)
+            self.pipe.schedule_run()   # a new pipeline's first call queues `prefetch` runs
+            self.queued = self.prefetch
+        for _ in range(min(self.prefetch, steps) - self.queued):
+            self.pipe.schedule_run()
+            self.queued += 1
         for k in range(steps):
-            (images,) = pipe.share_outputs()
+            if pass_id != self.pass_id:
+                raise PassSuperseded("a later pass of this DALI source started while this one "
+                                     "was unfinished: iterate one pass at a time")
+            (images,) = self.pipe.share_outputs()
             out = self._to_torch(images)
-            pipe.release_outputs()
-            if k + depth < steps:
-                pipe.schedule_run()
+            self.pipe.release_outputs()
+            self.queued -= 1
+            if k + 1 + self.queued < steps:
+                self.pipe.schedule_run()
+                self.queued += 1
             yield out
+        self._drain()
+
+    def _drain(self) -> None:
+        """Consume runs still queued: the fillers of a short first pass, or the prefetched
+        batches of a pass left unfinished (a truncated epoch)."""
+        while self.queued:
+            self.pipe.share_outputs()
+            self.pipe.release_outputs()
+            self.queued -= 1
 
     def _to_torch(self, batch) -> torch.Tensor:
         dense = batch.as_tensor()

@@ -213,9 +213,12 @@ def split_from_listing(split_dir: str, classes: list[str], folders: list,
         if not listed.names:
             raise DataError(f"empty class folder: {folder}")
         prefix = folder + os.sep   # (os.path.join per file: ~1 s at ImageNet scale)
-        ok = listed.readable.tolist()
-        kept = [prefix + f for f, good in zip(listed.names, ok) if good]
-        bad += [prefix + f for f, good in zip(listed.names, ok) if not good]
+        if listed.readable.all():
+            kept = [prefix + f for f in listed.names]
+        else:
+            ok = listed.readable.tolist()
+            kept = [prefix + f for f, good in zip(listed.names, ok) if good]
+            bad += [prefix + f for f, good in zip(listed.names, ok) if not good]
         if not kept and on_corrupt == "skip":
             raise DataError(f"empty class folder (every file corrupt): {folder}")
         files += kept
