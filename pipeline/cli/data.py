@@ -32,6 +32,35 @@ def add_parser(sub) -> None:
                    "count // 5, test count // 10")
     k.set_defaults(func=run_cityscapes_synth)
 
+    k = kinds.add_parser("index", help="list an ImageNet-layout tree once into its scan index "
+                         "(OUT/data-index.npz), reused by every start while the tree is unchanged")
+    k.add_argument("root")
+    k.add_argument("--out", help="folder of the index (default: ROOT; a run directory also works)")
+    k.add_argument("--rebuild", action="store_true", help="re-check every file")
+    k.set_defaults(func=run_index)
+
+    k = kinds.add_parser("check", help="decode every file of an ImageNet-layout tree in "
+                         "parallel; exit 2 if any is corrupt")
+    k.add_argument("root")
+    k.add_argument("--workers", type=int, help="decoding threads (default: all CPUs)")
+    k.set_defaults(func=run_check)
+
+
+def run_index(args) -> int:
+    from pipeline.data.index import index_tree
+
+    summary = index_tree(args.root, args.out, rebuild=args.rebuild)
+    print(json.dumps({"event": "data", "dataset": "index", **summary}))
+    return 0
+
+
+def run_check(args) -> int:
+    from pipeline.data.index import check_tree
+
+    summary = check_tree(args.root, args.workers)
+    print(json.dumps({"event": "data", "dataset": "check", **summary}))
+    return 2 if summary["corrupt"] else 0
+
 
 def run_cityscapes_synth(args) -> int:
     from pipeline.data.segmentation.synth import write_cityscapes_synth
