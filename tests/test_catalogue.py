@@ -23,7 +23,7 @@ def _build(cfg, device: str = "cpu"):
 
 
 def test_catalogue_lists_configs_of_every_paper():
-    assert set(CATALOGUE.papers) == {"selectconv", "gated", "ce", "csg"}
+    assert {"selectconv", "gated", "ce", "csg"} <= set(CATALOGUE.papers)
     assert {e.paper for e in CATALOGUE.entries} == set(CATALOGUE.papers)
     pairs = [(e.config, e.paper) for e in CATALOGUE.entries]
     assert len(pairs) == len(set(pairs)), "a config is listed twice for the same paper"
