@@ -175,6 +175,17 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(saved, digits_roo
     assert "conv1.codes has shape (1, 128), the model expects (1, 64)" in err
 
 
+def test_gated_exported_pt_has_no_onnx_form_and_says_so(saved, digits_root, tmp_path, capsys):
+    """exported.pt of a gated model holds only its skipping form, which torch.export refuses
+    (channels chosen per image); the masked form needs the trained weights of final.pt."""
+    out = tmp_path / "gated.onnx"
+    code, err = run_cli(capsys, "export", str(saved["gated"].with_name("exported.pt")),
+                        f"data.root={digits_root}", "data.backend=torchvision",
+                        "--format", "onnx", "--out", str(out))
+    assert code == 2 and err.count("\n") == 0 and not out.exists()
+    assert "no form of this model exports to onnx" in err and "export the final.pt" in err
+
+
 def test_an_export_that_does_not_match_is_refused(saved, digits_root, tmp_path, capsys,
                                                   monkeypatch):
     """A form whose outputs drift (here: one conv weight nudged by 1e-2) is not written."""

@@ -56,7 +56,7 @@ def validation_batch(cfg: DictConfig, images: int) -> tuple[torch.Tensor, list[s
 
 
 def _write_first_form(fmt: str, forms: list[Form], example: torch.Tensor, out: Path,
-                      source: str) -> tuple[Form, str]:
+                      source: str, hint: str = "") -> tuple[Form, str]:
     """Write the first form ``fmt`` captures; that form and how it was captured."""
     failures = []
     for form in forms:
@@ -67,7 +67,7 @@ def _write_first_form(fmt: str, forms: list[Form], example: torch.Tensor, out: P
             log.warning("the %s form does not export to %s: %s", form.name, fmt, reason)
             failures.append(f"{form.name} form: {reason}")
     raise ConfigError(f"{source}: no form of this model exports to {fmt} ("
-                      + "; ".join(failures) + ")")
+                      + "; ".join(failures) + ")" + hint)
 
 
 def _write(fmt: str, checkpoint: Checkpoint, cfg: DictConfig, model: torch.nn.Module,
@@ -76,8 +76,10 @@ def _write(fmt: str, checkpoint: Checkpoint, cfg: DictConfig, model: torch.nn.Mo
     """Write ``model`` (as loaded from ``checkpoint``) as ``fmt``; the form written and how."""
     method = get_method(cfg.method.name, **cfg.method.opts)
     if fmt != "state_dict":
+        hint = "; export the final.pt instead: its trained form is a candidate too" \
+            if checkpoint.exported else ""
         return _write_first_form(fmt, inference_forms(model, method, checkpoint.exported, example),
-                                 example, out, str(checkpoint.path))
+                                 example, out, str(checkpoint.path), hint)
     if checkpoint.exported:
         exported, buffers = model, checkpoint.buffers
     else:
