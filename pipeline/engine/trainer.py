@@ -1,5 +1,6 @@
 """The training loop: one run of one config, on one process or many (torchrun / SLURM).
 
+    hold the run directory (runlock.py), choose and check the checkpoint to resume (resume.py)
     validate: scan the data, build the task, method and model (before DeepSpeed is imported)
     → process group → deepspeed.initialize → resume?
     until the budget (epochs or iterations) is spent:
@@ -25,12 +26,13 @@ import logging
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, flatten, to_yaml
 from pipeline.data import build_loaders
@@ -41,12 +43,14 @@ from pipeline.tasks import Task, build_task
 from pipeline.tracking import Tracker, open_tracker, run_tags
 
 from . import checkpoint as ckpt
+from . import resume
 from .budget import Budget
 from .distributed import Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown
 from .artifacts import write_final
 from .evaluate import AUTOCAST, eval_meters, evaluate, memory_format
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .progress import Progress
+from .runlock import hold_run
 from .stopping import StopRequest
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
@@ -172,7 +176,17 @@ class Run:
         self.tracker: Tracker = Tracker()
         self.result: dict[str, float] | None = None
         self.result_step = self.saved_step = -1
+        self.last_tag: str | None = None  # the checkpoint this run last wrote or resumed from
+        self.held = ExitStack()  # the run directory's lock, released at the end of execute()
+        with ExitStack() as guard:  # released at once if the set-up fails
+            if self.main:  # before anything of the run is read or written (see runlock.py)
+                guard.enter_context(hold_run(self.run_dir, self.ckpt_dir))
+            self.resume_point = resume.plan(cfg, self.ckpt_dir, where.world_size, self.main)
+            self._build(where)
+            self.held = guard.pop_all()
 
+    def _build(self, where: Dist) -> None:
+        cfg = self.cfg
         # Everything a user can get wrong is checked here, before DeepSpeed is imported.
         _seed(cfg.engine.seed)  # the same on every rank: identical initial weights
         self.train_data, self.val_data = build_loaders(
@@ -219,35 +233,30 @@ class Run:
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self) -> Position:
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
-            if ckpt.latest_tag(self.ckpt_dir):
-                raise ConfigError(f"{self.ckpt_dir} holds checkpoints of an earlier run: resume "
-                                  "it (checkpoint.resume=auto) or set another name= / "
-                                  "checkpoint.dir=")
+        point = self.resume_point
+        if point is None:
             return Position()
-        if mode == "auto":
-            tag_dir = self.ckpt_dir
-            tag = ckpt.latest_tag(self.ckpt_dir)
-            if tag is None:
-                return Position()
-        else:
-            tag_dir, tag = Path(mode).parent, Path(mode).name
-            if not (tag_dir / tag).is_dir():
-                raise ConfigError(f"config key 'checkpoint.resume': no checkpoint at {mode}")
-        state = ckpt.load(self.engine, tag_dir, tag, self.dist.rank)
-        log.info("resumed from %s (epoch %d, step %d of it)", tag_dir / tag, state["epoch"],
+        state = ckpt.load(self.engine, point.ckpt_dir, point.tag, self.dist.rank)
+        log.info("resumed from %s (epoch %d, step %d of it)", point.path, state["epoch"],
                  state["step_in_epoch"])
+        if point.changes and self.main:
+            log.warning("resumed with config changes: %s", resume.describe(point.changes))
         self.saved_step = self.engine.global_steps
-        return Position(state["epoch"], state["step_in_epoch"], state["run_id"])
+        if point.ckpt_dir.resolve() == self.ckpt_dir.resolve():
+            self.last_tag = point.tag
+        # an epoch made shorter (an allowed change) resumes at its end, not past it
+        step_in_epoch = min(state["step_in_epoch"], self.micro_steps)
+        return Position(state["epoch"], step_in_epoch, None if point.fork else state["run_id"])
 
     def _save(self) -> None:
         if self.saved_step == self.engine.global_steps:
             return
         average_buffers(self.model)
-        tag = f"epoch{self.pos.epoch:04d}-step{self.engine.global_steps:09d}"
-        ckpt.save(self.engine, self.ckpt_dir, tag, vars(self.pos).copy(), self.dist.rank,
-                  self.cfg.checkpoint.keep_last)
+        tag = ckpt.tag_name(self.pos.epoch, self.engine.global_steps)
+        state = {**vars(self.pos), "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        ckpt.save(self.engine, self.ckpt_dir, tag, state, self.dist.rank, self.dist.world_size,
+                  self.cfg.checkpoint.keep_last, after=self.last_tag)
+        self.last_tag = tag
         self.saved_step = self.engine.global_steps
         self.last_save = time.monotonic()
 
@@ -401,24 +410,32 @@ class Run:
         return record
 
     def _finished_record(self) -> dict | None:
-        """The final record of a run that already finished this budget (a repeated command):
-        it is reported again, and its MLflow run is not re-opened."""
+        """The final record of a resumed run that already finished this budget (a repeated
+        command): it is reported again, and its MLflow run is not re-opened. A longer budget
+        (an extension, see resume.py) trains on."""
         path = self.run_dir / FINAL_RECORD
-        if not (self.budget.done(self.engine.global_steps) and path.is_file()):
+        if self.resume_point is None or not path.is_file():
             return None
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if self.budget.by_iterations:
+            done = record.get("iterations", -1) >= self.budget.total_steps
+        else:
+            done = record.get("epochs", -1) >= self.budget.epochs
+        return record if done else None
 
     def execute(self) -> int:
-        done = self._finished_record()
-        if done is not None:
-            if self.main:
-                log.info("%s already finished; its final record:", self.run_dir)
-                print(json.dumps(done), flush=True)
-            teardown()
-            return 0
         status, tags = "FAILED", {}
         try:
+            done = self._finished_record()
+            if done is not None:
+                if self.main:
+                    log.info("%s already finished; its final record:", self.run_dir)
+                    print(json.dumps(done), flush=True)
+                return 0
             self._start_tracking()
+            if self.main and self.resume_point:
+                resume.record(self.resume_point, self.tracker, self.run_dir,
+                              self.engine.global_steps)
             if self._train():
                 # the vote may carry another rank's request: then the reason is not known here
                 status, tags["stop_reason"] = "KILLED", self.stop.reason or "signal"
@@ -441,6 +458,7 @@ class Run:
                 self.tracker.set_tags(tags)
             self.tracker.close(status)
             teardown()
+            self.held.close()
 
 
 def train(cfg: DictConfig) -> int:

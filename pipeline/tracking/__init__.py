@@ -31,6 +31,9 @@ log = logging.getLogger("pipeline.tracking")
 
 SPOOL_PREFIX = "mlflow-pending-"
 BATCH = 100  # MLflow's limit on params / tags in one log_batch request
+# How a run ended, beside its status (KILLED: stop_reason; FAILED: error): set when it ends,
+# removed when a later job re-opens it.
+END_TAGS = ("stop_reason", "error")
 
 
 class Tracker:
@@ -104,8 +107,10 @@ def deliver(client, run_id: str, record: dict, logged_up_to: dict[str, int]) -> 
             raise FileNotFoundError(f"artifact {record['path']} no longer exists")
         client.log_artifact(run_id, record["path"], record["dir"])
     elif op == "status":
-        if record["status"] == "RUNNING":
+        if record["status"] == "RUNNING":  # re-opened: how it ended before is no longer true
             client.update_run(run_id, status="RUNNING")
+            for key in client.get_run(run_id).data.tags.keys() & set(END_TAGS):
+                client.delete_tag(run_id, key)
         else:
             client.set_terminated(run_id, record["status"], end_time=record["time"])
     else:
