@@ -62,11 +62,16 @@ class Pipeline:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     @staticmethod
-    def final(stdout: str) -> dict:
+    def final_event(stdout: str, event: str) -> dict:
+        """The one JSON line of ``event`` (final, eval, predict, …) on stdout."""
         lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
-        finals = [l for l in lines if l.get("event") == "final"]
-        assert len(finals) == 1, stdout
-        return finals[0]
+        found = [l for l in lines if l.get("event") == event]
+        assert len(found) == 1, stdout
+        return found[0]
+
+    @classmethod
+    def final(cls, stdout: str) -> dict:
+        return cls.final_event(stdout, "final")
 
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.cwd / 'mlflow.db'}"

@@ -14,7 +14,8 @@ import warnings
 from importlib import import_module
 
 # The command modules, in the order `pipeline --help` lists them.
-COMMANDS = ["train", "evaluate", "export", "data", "summary", "mlflow_sync", "report", "importer"]
+COMMANDS = ["train", "evaluate", "predict", "export", "data", "summary", "mlflow_sync", "report",
+            "importer"]
 
 
 class _Version(argparse.Action):
