@@ -38,5 +38,10 @@ bench: $(STAMP) $(DIGITS)/train
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.methods
 
+# The first run on a GPU machine: every method's ImageNet model, timed (ARGS="--cpu": dry run).
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	benchmarks/gpu_check.sh --no-install $(ARGS)
+
 clean:
 	rm -rf $(VENV) data runs checkpoints mlruns mlflow.db
