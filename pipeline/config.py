@@ -114,7 +114,8 @@ class EngineConfig:
                                            # device values (stop vote, metrics): a stop request
                                            # is honoured within this many steps
     channels_last: Optional[bool] = None   # NHWC memory format; null = on with CUDA
-    compile: bool = False                  # torch.compile the model
+    compile: bool = False                  # torch.compile the model in place: baseline, csg and
+                                           # gated; not selectconv or ce (README, Engine)
     log_every: int = 10                    # steps between train-metric logs
     max_steps_per_epoch: int = 0           # >0: truncate epochs (smoke runs)
     inhibited_threshold: float = 1e-2      # inhibited-channel diagnostic: mean post-ReLU below
