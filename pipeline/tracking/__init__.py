@@ -30,6 +30,9 @@ from typing import Any
 log = logging.getLogger("pipeline.tracking")
 
 SPOOL_PREFIX = "mlflow-pending-"
+# Tag of the runs the tools log beside training runs (a report, a registered export): its value
+# says which. A run with it is never a training run.
+KIND_TAG = "pipeline.kind"
 BATCH = 100  # MLflow's limit on params / tags in one log_batch request
 # How a run ended, beside its status (KILLED: stop_reason; FAILED: error): set when it ends,
 # removed when a later job re-opens it.

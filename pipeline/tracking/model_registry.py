@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-KIND_TAG, EXPORT_KIND = "pipeline.kind", "export"
+from pipeline.tracking import KIND_TAG
+
+EXPORT_KIND = "export"   # the KIND_TAG value of an export's run
 
 
 def register_onnx(onnx_file: Path, name: str, experiment: str, run_name: str,

@@ -18,13 +18,13 @@ from functools import lru_cache
 
 from omegaconf import OmegaConf
 
+from pipeline.tracking import KIND_TAG
+
 from .catalogue import dataset_name
 
 log = logging.getLogger("pipeline.report")
 
-# Tag of the runs `pipeline report` logs itself: never a training run, never in a report.
-KIND_TAG = "pipeline.kind"
-REPORT_KIND = "report"
+REPORT_KIND = "report"   # the KIND_TAG value of the runs `pipeline report` logs
 FINISHED = "FINISHED"
 
 
@@ -85,13 +85,14 @@ def _experiments(client, name: str | None) -> dict[str, str]:
 
 
 def _search(client, experiment_ids: list[str], tags: dict[str, str]) -> list:
-    """Every run of the experiments with all of ``tags``, report runs left out, oldest first."""
+    """Every training run of the experiments with all of ``tags`` (tool runs such as reports and
+    registered exports left out), oldest first."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs, token = [], None
     while experiment_ids:
         page = client.search_runs(experiment_ids, filter_string=query, max_results=1000,
                                   order_by=["attributes.start_time ASC"], page_token=token)
-        runs += [r for r in page if r.data.tags.get(KIND_TAG) != REPORT_KIND]
+        runs += [r for r in page if KIND_TAG not in r.data.tags]
         token = page.token
         if not token:
             break
