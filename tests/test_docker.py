@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -69,9 +70,15 @@ def test_trainer_image_pins_what_the_tests_run_with():
     assert dali == [f"nvidia-dali-cuda{cuda_major}0"], "DALI must be built for the base CUDA"
     for name in (*dali, "deepspeed", "mlflow"):
         assert pinned[name] == version(name), f"{name}: image {pinned[name]}, here {version(name)}"
-    project = (REPO / "pyproject.toml").read_text()
-    for name in ("omegaconf", "scikit-learn", "scipy", "pillow", "tqdm", "psutil"):
-        assert name in pinned and f'"{name}' in project, name
+    # every dependency of the package but the base image's torch / torchvision, at the version
+    # the tests run with
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in project}
+    pinned = {name.lower(): v for name, v in pinned.items()}
+    for name in names - {"torch", "torchvision"}:
+        assert name in pinned, f"{name} is a dependency but not pinned in docker/requirements.txt"
+        if not name.startswith("nvidia-dali"):
+            assert pinned[name] == version(name), f"{name}: image {pinned[name]}, here {version(name)}"
 
     users = [a for kind, a in steps if kind == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as root"
