@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     k = kinds.add_parser("cityscapes-synth",
                          help="generated street scenes in the exact Cityscapes layout")
     k.add_argument("--out", required=True)
-    k.add_argument("--size", help="image size WxH (default 256x128)")
-    k.add_argument("--count", type=int, help="training images (default 160); val gets "
+    k.add_argument("--size", help="image size WxH (default 384x192)")
+    k.add_argument("--count", type=int, help="training images (default 80); val gets "
                    "count // 5, test count // 10")
     k.set_defaults(func=run_cityscapes_synth)
 
@@ -70,7 +70,7 @@ def run_cityscapes_synth(args) -> int:
         try:
             options["size"] = tuple(int(v) for v in args.size.lower().split("x", 1))
         except ValueError:
-            raise ValueError(f"--size must be WxH (e.g. 256x128), got {args.size!r}") from None
+            raise ValueError(f"--size must be WxH (e.g. 384x192), got {args.size!r}") from None
     counts = write_cityscapes_synth(Path(args.out), **options)
     print(json.dumps({"event": "data", "dataset": "cityscapes-synth", "out": args.out, **counts}))
     return 0

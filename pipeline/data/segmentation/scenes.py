@@ -118,7 +118,7 @@ def _buildings(s: Scene) -> None:
         windows = ((yy % period) < 0.6 * period) & (((xx - left) % period) < 0.55 * period) & \
             (yy > period // 2)
         shade = smooth_noise(rng, bh, right - left, 6)[..., None] * 12
-        colours = np.where(windows[..., None], window, base) + shade + grain(rng, (bh, right - left), 2)
+        colours = np.where(windows[..., None], window, base) + shade
         s.paint(np.ones((bh, right - left), bool), colours, "building",
                 (top, s.horizon, left, right))
 
@@ -145,12 +145,12 @@ def _ground(s: Scene, left_edge: np.ndarray, right_edge: np.ndarray) -> None:
     paving = hsv_colour(rng, sat=(0.0, 0.3), val=(0.45, 0.8))
     curb = (np.abs(xx - le) < 1.5 + 2 * (yy - s.horizon) / gh) | \
         (np.abs(xx - re) < 1.5 + 2 * (yy - s.horizon) / gh)
-    colours = np.where(tiles[..., None], paving * 0.75, paving) + grain(rng, (gh, w), 2)
+    colours = np.where(tiles[..., None], paving * 0.75, paving)
     colours = np.where(curb[..., None], np.minimum(paving + 50, 255), colours)
     s.paint(~road, colours, "sidewalk", box)
     asphalt = hsv_colour(rng, sat=(0.0, 0.12), val=(0.25, 0.5))
     patches = smooth_noise(rng, gh, w, 10)[..., None] * 10
-    colours = asphalt + patches + grain(rng, (gh, w), 6)
+    colours = asphalt + patches + grain(rng, (gh, w), 4)
     centre = (le + re) / 2
     dash = max(2, gh // 6)
     marks = (np.abs(xx - centre) < 0.5 + 1.5 * (yy - s.horizon) / gh) & \
@@ -181,7 +181,7 @@ def _rect(box, top, bottom, left, right) -> np.ndarray:
 
 def _tree(s: Scene, x: float, ground: float) -> None:
     rng, d = s.rng, s.depth(ground)
-    size = (0.3 + d) * s.height * rng.uniform(0.3, 0.5)
+    size = (0.3 + d) * s.height * rng.uniform(0.4, 0.6)
     trunk_w = max(2.0, size * 0.12)
     crown_cy = ground - size * 0.95
     box = _clip_box(s, crown_cy - size * 0.6, ground, x - size * 0.7, x + size * 0.7)
@@ -201,7 +201,7 @@ def _tree(s: Scene, x: float, ground: float) -> None:
 
 def _pole(s: Scene, x: float, ground: float) -> None:
     rng, d = s.rng, s.depth(ground)
-    width = max(3.0, d * s.width * rng.uniform(0.03, 0.05))
+    width = max(3.0, d * s.width * rng.uniform(0.06, 0.09))
     box = _clip_box(s, ground - d * s.height * rng.uniform(1.2, 1.8), ground, x - width / 2,
                     x + width / 2)
     if box is None:
@@ -215,8 +215,8 @@ def _pole(s: Scene, x: float, ground: float) -> None:
 
 def _person(s: Scene, x: float, ground: float) -> None:
     rng, d = s.rng, s.depth(ground)
-    height = d * s.height * rng.uniform(0.4, 0.55)
-    width = height * 0.38
+    height = d * s.height * rng.uniform(0.55, 0.75)
+    width = height * 0.45
     box = _clip_box(s, ground - height, ground, x - width / 2, x + width / 2)
     if box is None or height < 6:
         return
@@ -224,13 +224,14 @@ def _person(s: Scene, x: float, ground: float) -> None:
     shirt = hsv_colour(rng, val=(0.15, 0.95))
     trousers = hsv_colour(rng, sat=(0.0, 0.6), val=(0.1, 0.6))
     skin = hsv_colour(rng, (0.03, 0.1), (0.25, 0.6), (0.35, 0.95))
-    legs = _rect(box, ground - height * 0.48, ground, x - width * 0.3, x - width * 0.05) | \
-        _rect(box, ground - height * 0.48, ground, x + width * 0.05, x + width * 0.3)
-    torso = _ellipse(box, ground - height * 0.65, x, height * 0.2, width * 0.45)
+    legs = _rect(box, ground - height * 0.48, ground, x - width * 0.32, x + width * 0.32)
+    gap = _rect(box, ground - height * 0.4, ground, x - width * 0.04, x + width * 0.04)
+    torso = _ellipse(box, ground - height * 0.65, x, height * 0.22, width * 0.5)
     head = _ellipse(box, ground - height + head_r * 1.1, x, head_r * 1.1, head_r)
     t, b, l, r = box
     colours = np.where(legs[..., None], trousers, shirt)
-    colours = np.where(head[..., None], skin, colours) + grain(rng, (b - t, r - l), 3)
+    colours = np.where(gap[..., None], trousers * 0.5, colours)   # drawn, not cut out
+    colours = np.where(head[..., None], skin, colours)
     s.paint(legs | torso | head, colours, "person", box)
 
 
@@ -258,7 +259,7 @@ def _car(s: Scene, x: float, ground: float) -> None:
                   x + width * 0.13)
     t, b, l, r = box
     shine = np.linspace(40, -20, b - t, dtype=np.float32)[:, None, None]
-    colours = body + shine + grain(rng, (b - t, r - l), 2)
+    colours = body + shine
     colours = np.where(window[..., None], glass, colours)
     colours = np.where(lights[..., None], np.asarray([200, 30, 30], np.float32), colours)
     colours = np.where(plate[..., None], np.float32(235), colours)
@@ -273,7 +274,7 @@ def _static(s: Scene, x: float, ground: float) -> None:
     if box is None:
         return
     t, b, l, r = box
-    colours = hsv_colour(rng, val=(0.2, 0.8)) + grain(rng, (b - t, r - l), 8)
+    colours = hsv_colour(rng, val=(0.2, 0.8)) + grain(rng, (b - t, r - l), 6)
     s.paint(np.ones((b - t, r - l), bool), colours, "static", box)
 
 
@@ -282,23 +283,23 @@ def _objects(s: Scene, left_edge: np.ndarray, right_edge: np.ndarray) -> None:
     rng, h, w = s.rng, s.height, s.width
     placed = []
 
-    def ground_row() -> int:
-        return int(s.horizon + (h - s.horizon) * (0.12 + 0.8 * rng.random() ** 0.7))
+    def ground_row(nearest: float = 0.12) -> int:   # depth in [nearest, 0.92), near ones likelier
+        return int(s.horizon + (h - s.horizon) * (nearest + (0.92 - nearest) * rng.random() ** 0.7))
 
     def beside(y: int) -> float:   # a point on a sidewalk
         side = rng.random() < 0.5
         edge = left_edge[y] if side else right_edge[y]
         return edge - rng.uniform(0.03, 0.4) * w if side else edge + rng.uniform(0.03, 0.4) * w
 
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(3, 7))):
         y = int(s.horizon + (h - s.horizon) * rng.uniform(0.02, 0.4))
         placed.append((y, _tree, beside(y)))
     for _ in range(int(rng.integers(1, 4))):
-        y = ground_row()
+        y = ground_row(0.3)
         edge = left_edge[y] - 3 if rng.random() < 0.5 else right_edge[y] + 3
         placed.append((y, _pole, edge))
-    for _ in range(int(rng.integers(1, 5))):
-        y = ground_row()
+    for _ in range(int(rng.integers(2, 6))):
+        y = ground_row(0.35)
         placed.append((y, _person, beside(y)))
     for _ in range(int(rng.integers(1, 4))):
         y = ground_row()

@@ -29,8 +29,12 @@ from pipeline.data.segmentation.scenes import render
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster"),
           "test": ("berlin", "bielefeld", "bonn")}
 FRAME = 19
-DEFAULT_SIZE = (256, 128)          # width, height: Cityscapes' 2:1 at 1/8 scale
-DEFAULT_COUNT = 160                # training images; val and test get COUNT // 5 and // 10
+# Width, height: Cityscapes' 2:1 at 3/16 scale. Objects are then wide enough for a stride-16
+# network: a perfect output-stride-16 logit map (the one-hot labels average-pooled by 16 and
+# upsampled bilinearly) scores mIoU 0.87 on these scenes at 384×192, 0.84 at 320×160 and
+# 0.76 at 256×128 (poles and people lose most), so a trained DeepLabV3 can clear 0.70.
+DEFAULT_SIZE = (384, 192)
+DEFAULT_COUNT = 80                 # training images (~5.7 MB in all); val and test get // 5, // 10
 
 
 def colour_table() -> np.ndarray:
