@@ -3,19 +3,28 @@
 A YAML file may list ``defaults:`` (paths relative to itself) that are merged first, in order;
 then the file itself; then ``key=value`` overrides from the command line. The result is
 merged onto the structured schema below, so an unknown key or a value of the wrong type is a
-``ConfigError`` that names the key.
+``ConfigError`` that names the key. Numbers outside their range (``RANGES``) are refused too,
+and so are ``model.opts`` / ``method.opts`` that the model builder or the method does not take
+or takes with another type: their signatures are the options' schema (``check_options``).
+All of this happens at load, before any data is read or a job is queued.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A bad config file, key or value; the message is one line naming it."""
 
 
@@ -169,6 +178,27 @@ CHOICES = {
 }
 
 
+# Numbers the loop would run with and mislead (an untrained "final" model, a division by zero
+# deep in the loop, a checkpoint folder never pruned): key → (lowest, whether lowest itself is
+# allowed). A list or mapping value is checked element by element.
+RANGES: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(("data.image_size", "data.batch_size", "data.prefetch", "data.std",
+                     "data.scale", "data.ratio", "data.crop_size", "data.scale_range",
+                     "optim.lr", "optim.lr_mult", "schedule.epochs", "schedule.step_size",
+                     "engine.grad_accum", "engine.eval_every", "engine.sync_every",
+                     "engine.log_every", "checkpoint.keep_last", "segmentation.crop",
+                     "segmentation.stride"), (0, False)),
+    **dict.fromkeys(("data.val_batch_size", "data.workers", "data.pad", "model.num_classes",
+                     "optim.reference_batch", "optim.momentum", "optim.betas",
+                     "optim.weight_decay", "schedule.iterations", "schedule.warmup_epochs", "schedule.warmup_start",
+                     "schedule.milestones", "schedule.gamma", "schedule.power",
+                     "schedule.min_lr", "engine.grad_clip", "engine.label_smoothing",
+                     "engine.eval_every_iterations", "engine.max_steps_per_epoch",
+                     "engine.inhibited_threshold", "checkpoint.every_minutes",
+                     "checkpoint.every_iterations", "segmentation.aux_weight"), (0, True)),
+}
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -195,26 +225,136 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {first}" if key else first
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    """The validated config of file ``path`` with ``key=value`` overrides applied."""
-    path = Path(path).resolve()
+def _check_sections(node: DictConfig, schema: type = Config, prefix: str = "") -> None:
+    """A section of the schema (``model``, ``data``, …) given as a scalar, e.g. ``model:
+    resnet50``: name the key and the form expected (OmegaConf's message names neither)."""
+    for f in fields(schema):
+        if f.name not in node or not is_dataclass(f.default_factory):
+            continue
+        value = node[f.name]  # a section: a mapping, or null
+        if value is not None and not isinstance(value, DictConfig):
+            first = next(iter(fields(f.default_factory))).name
+            raise ConfigError(f"config key '{prefix}{f.name}': expected a mapping of its keys "
+                              f"(e.g. {f.name}: {{{first}: …}}), got {value!r}")
+        if value is not None:
+            _check_sections(value, f.default_factory, f"{prefix}{f.name}.")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (low, inclusive) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        several = isinstance(value, (list, dict))
+        values = list(value.values()) if isinstance(value, dict) else value if several else [value]
+        if any(v < low or (v == low and not inclusive) for v in values):
+            bound = f"{'every value ' if several else ''}{'>=' if inclusive else '>'} {low}"
+            raise ConfigError(f"config key '{key}': expected {bound}, got {value!r}")
+
+
+def _check_model_and_method(cfg: DictConfig) -> None:
+    """The method and model exist, support each other and take the options given, with their
+    types; the method's own value checks run (constructing it is cheap)."""
+    from pipeline.methods import get_method, method_options
+    from pipeline.models.registry import check_model_options, model_options
+
+    for key, options, args in (("method.name", method_options, (cfg.method.name,)),
+                               ("model.name", model_options, (cfg.model.name, cfg.method.name))):
+        try:
+            options(*args)
+        except ConfigError as err:  # unknown, or not supported by the method
+            raise ConfigError(f"config key '{key}': {err}") from None
+    check_model_options(cfg.model.name, cfg.method.name, cfg.model.opts)
+    get_method(cfg.method.name, **cfg.method.opts)
+
+
+def _validated(node: DictConfig, overrides: Sequence[str], name: str) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        for part in (node, dotlist):
+            _check_sections(part)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), node, dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(merged, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+    _check_ranges(merged)
+    _check_model_and_method(merged)
     if not merged.name:
-        merged.name = path.stem if path.parent.name in ("", "configs") else \
-            f"{path.parent.name}-{path.stem}"
+        merged.name = name
     OmegaConf.set_readonly(merged, True)
     return merged
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The validated config of file ``path`` with ``key=value`` overrides applied."""
+    path = Path(path).resolve()
+    name = path.stem if path.parent.name in ("", "configs") else f"{path.parent.name}-{path.stem}"
+    return _validated(_read_yaml(path), overrides, name)
+
+
+def load_config_dict(data: Mapping, overrides: Sequence[str] = (), name: str = "config"
+                     ) -> DictConfig:
+    """The validated config of ``data`` (a saved config, e.g. a checkpoint's) with ``key=value``
+    overrides applied; ``name`` is the run name when ``data`` has none."""
+    try:
+        node = OmegaConf.create(dict(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"not a config mapping ({_one_line(err)})") from None
+    return _validated(node, overrides, name)
+
+
+def _type_name(annotation: Any) -> str:
+    """``int | None`` → "an integer or null" (the words of a config file)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             type(None): "null"}
+    origin = typing.get_origin(annotation) or annotation
+    return names.get(annotation) or f"a {getattr(origin, '__name__', origin)}"
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    if annotation in (inspect.Parameter.empty, Any):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def declared_options(fn: Callable, skip: Sequence[str] = ()) -> dict[str, inspect.Parameter]:
+    """The keyword options ``fn`` takes, by name, with their annotations resolved."""
+    parameters = inspect.signature(fn, eval_str=True).parameters.values()
+    return {p.name: p for p in parameters if p.name not in skip and
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_options(declared: Mapping[str, inspect.Parameter], opts: Mapping[str, Any], key: str,
+                  owner: str) -> None:
+    """Every entry of ``opts`` (config key ``key``, e.g. ``method.opts``) is one of
+    ``owner``'s ``declared`` options, of its annotated type; else a ConfigError naming it."""
+    if OmegaConf.is_config(opts):
+        opts = OmegaConf.to_container(opts, resolve=True)
+    for name, value in opts.items():
+        if name not in declared:
+            raise ConfigError(f"unknown {key.split('.')[0]} option {name!r} of {owner} (config "
+                              f"key '{key}.{name}'; accepted: {', '.join(declared) or 'none'})")
+        annotation = declared[name].annotation
+        if not _fits(value, annotation):
+            raise ConfigError(f"config key '{key}.{name}': expected {_type_name(annotation)}, "
+                              f"got {value!r}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

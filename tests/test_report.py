@@ -207,12 +207,13 @@ def test_no_matching_runs_is_said_and_exits_0(store, tmp_path, monkeypatch, caps
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["report"]) == 0
-    assert "no runs" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "no runs" in said.err and not said.out  # stdout: only JSON lines
     assert not (tmp_path / "mlflow.db").exists()  # reading created no store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.cli.tracking_uri())
     assert main(["report", "--experiment", EXPERIMENT, "--tag", "method=none"]) == 0
-    assert "no runs match" in capsys.readouterr().out
+    assert "no runs match" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
     assert main(["report", "--experiment", "no-such-experiment"]) == 2
     assert capsys.readouterr().err.strip().startswith(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 
 def run_digits(args) -> int:
     from pipeline.data.digits import write_digits
@@ -70,7 +72,7 @@ def run_cityscapes_synth(args) -> int:
         try:
             options["size"] = tuple(int(v) for v in args.size.lower().split("x", 1))
         except ValueError:
-            raise ValueError(f"--size must be WxH (e.g. 384x192), got {args.size!r}") from None
+            raise InputError(f"--size must be WxH (e.g. 384x192), got {args.size!r}") from None
     counts = write_cityscapes_synth(Path(args.out), **options)
     print(json.dumps({"event": "data", "dataset": "cityscapes-synth", "out": args.out, **counts}))
     return 0

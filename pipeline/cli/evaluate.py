@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 
+from pipeline.errors import InputError
+
 
 def paths_and_overrides(items: list[str]) -> tuple[str | None, str, list[str]]:
     """``[CONFIG] CHECKPOINT [key=value …]`` → (CONFIG or None, CHECKPOINT, overrides)."""
     split = next((i for i, item in enumerate(items) if "=" in item), len(items))
     paths, overrides = items[:split], items[split:]
     if len(paths) not in (1, 2):
-        raise ValueError(f"expected [CONFIG] CHECKPOINT [key=value …], got {len(paths)} paths "
+        raise InputError(f"expected [CONFIG] CHECKPOINT [key=value …], got {len(paths)} paths "
                          f"before the overrides: {paths}")
     return (paths[0] if len(paths) == 2 else None), paths[-1], overrides
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 from .options import parse_opts
 
 
@@ -44,7 +46,7 @@ def run_csg(args) -> int:
     config_file = out.parent / "config.yaml"
     for target in (out, config_file):
         if target.exists():
-            raise ValueError(f"{target} exists: choose another --out")
+            raise InputError(f"{target} exists: choose another --out")
     imported = convert(Path(args.checkpoint), args.model, parse_opts(args.opt))
     cfg = released_config(args.model, imported.method, imported.opts, imported.num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """``pipeline`` command line. One module per command (``pipeline/cli/<command>.py``), each with
 ``add_parser(subparsers)`` that registers it and sets ``func``; ``COMMANDS`` lists them.
 
-Every user error (config, data, model option) ends the process with one line on stderr naming
-the problem and exit code 2; a run stopped on request after its checkpoint exits with 75.
+Exit codes: 0 done; 2 bad input (``pipeline.errors.InputError``: a config key or value, the
+dataset, an option, a path that does not exist), one line on stderr naming it; 75 a run stopped
+on request after its checkpoint (resumable); 1 anything else, with its traceback (a full disk, a
+broken invariant, an unreachable tracking server are not the user's typo).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import os
 import sys
 import warnings
 from importlib import import_module
+
+from pipeline.errors import InputError
 
 # The command modules, in the order `pipeline --help` lists them.
 COMMANDS = ["train", "evaluate", "predict", "export", "data", "summary", "mlflow_sync", "report",
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except InputError as err:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

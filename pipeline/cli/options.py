@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from pipeline.errors import InputError
+
 
 def parse_opts(items: list[str]) -> dict:
     """``["slice=12", "binary=true"]`` → ``{"slice": 12, "binary": True}`` (YAML scalars)."""
@@ -10,6 +12,6 @@ def parse_opts(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--opt {item!r} is not of the form key=value")
+            raise InputError(f"--opt {item!r} is not of the form key=value")
         opts[key] = OmegaConf.from_dotlist([f"v={value}"]).v
     return opts

@@ -1,9 +1,11 @@
 """``pipeline report [--experiment NAME] [--tag k=v …] [--out DIR]``: the finished runs of the
 tracking store as a results table (Markdown, CSV), accuracy-vs-compute plots with the papers'
-points, and one HTML page; also logged to MLflow as a ``report`` run."""
+points, and one HTML page; also logged to MLflow as a ``report`` run. stdout carries only the
+JSON line; what it says besides goes to stderr."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -29,28 +31,28 @@ def run(args) -> int:
         catalogue = load_catalogue(args.catalogue or DEFAULT_CATALOGUE)
     else:  # an installed package without the repository's configs/
         print(f"no experiment catalogue at {DEFAULT_CATALOGUE}: plots without paper points "
-              "(--catalogue FILE to add them)")
+              "(--catalogue FILE to add them)", file=sys.stderr)
         catalogue = Catalogue(DEFAULT_CATALOGUE, {}, [])
     uri = mlflow.get_tracking_uri()
     filters = " ".join([f"experiment={args.experiment}" if args.experiment else "",
                         *(f"{k}={v}" for k, v in tags.items())]).strip() or "all runs"
     if _missing_store(uri):
         print(f"no runs: there is no tracking store at {uri} (run `pipeline report` where "
-              "`pipeline train` ran, or set MLFLOW_TRACKING_URI)")
+              "`pipeline train` ran, or set MLFLOW_TRACKING_URI)", file=sys.stderr)
         return 0
     client = MlflowClient(uri)
     runs = read_runs(client, args.experiment, tags)
     if not runs:
-        print(f"no runs match ({filters}) in {uri}: nothing to report")
+        print(f"no runs match ({filters}) in {uri}: nothing to report", file=sys.stderr)
         return 0
     out = Path(args.out) if args.out else default_out_dir()
     summary = f"{len(runs)} runs ({filters}) from {uri}"
     report = build_report(runs, catalogue, out, summary)
     report.run_id = log_report(client, report, args.experiment, filters)
     print(f"{len(report.finished)} finished runs in the results, {len(report.unfinished)} "
-          f"not finished listed apart")
+          f"not finished listed apart", file=sys.stderr)
     for path in report.files:
-        print(f"  {path}")
+        print(f"  {path}", file=sys.stderr)
     print(json.dumps({"event": "report", "out": str(out.resolve()),
                       "finished": len(report.finished), "unfinished": len(report.unfinished),
                       "plots": sorted(report.plots), "run_id": report.run_id}))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from pipeline.errors import InputError
+
 from .options import parse_opts
 
 
@@ -12,7 +14,7 @@ def parse_input_size(text: str) -> int | tuple[int, int]:
     """``"224"`` → 224; ``"1024x2048"`` → (1024, 2048) (height, width)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?", text)
     if not match or int(match[1]) < 1 or (match[2] and int(match[2]) < 1):
-        raise ValueError(f"--input-size {text!r}: expected N or HxW (height x width) with "
+        raise InputError(f"--input-size {text!r}: expected N or HxW (height x width) with "
                          f"positive integers, e.g. 224 or 1024x2048")
     return int(match[1]) if match[2] is None else (int(match[1]), int(match[2]))
 
@@ -27,7 +29,7 @@ def _baseline(name: str, num_classes: int, opts: dict):
     with torch.device("meta"):  # only its parameter count is read
         try:
             return build_model(name, num_classes, **opts), opts
-        except ValueError:
+        except InputError:  # an option of the method's only
             return build_model(name, num_classes), {}
 
 
@@ -37,6 +39,8 @@ def run(args) -> int:
 
     opts = parse_opts(args.opt)
     input_size = parse_input_size(args.input_size)
+    if args.num_classes < 1:
+        raise InputError(f"--num-classes {args.num_classes}: expected an integer >= 1")
     model = build_model(args.model, args.num_classes, method=args.method, **opts)
     record = summarize(model, input_size)
     if args.method and args.method != "baseline":
@@ -45,7 +49,7 @@ def run(args) -> int:
         record.update(baseline_params=params, baseline_opts=baseline_opts,
                       reduction=round(params / max(record["params"], 1), 4))
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps({"event": "summary", **record}))
     else:
         for key, value in record.items():
             print(f"{key:>18}: {value:,}" if isinstance(value, int) else f"{key:>18}: {value}")

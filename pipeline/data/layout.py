@@ -35,13 +35,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import InputError
+
 SPLITS = ("train", "val")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 _TAIL_BYTES = 64
 log = logging.getLogger("pipeline")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A problem with the dataset on disk; the message is one line naming the path or class."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import ConfigError
+
 RECIPES = ("imagenet", "cifar")
 
 
@@ -31,24 +33,24 @@ class Recipe:
 def _pair(cfg, key: str) -> tuple[float, float]:
     value = tuple(float(v) for v in getattr(cfg, key))
     if len(value) != 2 or value[0] > value[1]:
-        raise ValueError(f"data.{key} must be [low, high], got {list(value)}")
+        raise ConfigError(f"data.{key} must be [low, high], got {list(value)}")
     return value
 
 
 def _triple(cfg, key: str) -> tuple[float, float, float]:
     value = tuple(float(v) for v in getattr(cfg, key))
     if len(value) != 3:
-        raise ValueError(f"data.{key} must list 3 per-channel values, got {list(value)}")
+        raise ConfigError(f"data.{key} must list 3 per-channel values, got {list(value)}")
     return value
 
 
 def recipe_from_config(cfg) -> Recipe:
     """The recipe of a DataConfig (or any object with its attributes)."""
     if cfg.recipe not in RECIPES:
-        raise ValueError(f"data.recipe must be one of {list(RECIPES)}, got {cfg.recipe!r}")
+        raise ConfigError(f"data.recipe must be one of {list(RECIPES)}, got {cfg.recipe!r}")
     size = int(cfg.image_size)
     if size <= 0 or not 0 < float(cfg.val_resize_ratio) <= 1:
-        raise ValueError("data.image_size must be > 0 and data.val_resize_ratio in (0, 1]")
+        raise ConfigError("data.image_size must be > 0 and data.val_resize_ratio in (0, 1]")
     return Recipe(name=cfg.recipe, size=size,
                   resize_shorter=math.floor(size / float(cfg.val_resize_ratio)),
                   scale=_pair(cfg, "scale"), ratio=_pair(cfg, "ratio"), pad=int(cfg.pad),

@@ -23,7 +23,6 @@ checkpoint that does not fit with one line naming the first mismatching key.
 """
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, load_config, load_config_dict
 from pipeline.methods import Method, get_method
 from pipeline.models import build_model
 from pipeline.models.summary import count_params
@@ -130,12 +129,7 @@ def checkpoint_config(checkpoint: Checkpoint, config_file: str | Path | None = N
             raise ConfigError(f"{checkpoint.path}: a DeepSpeed checkpoint holds no config and no "
                               f"{RUN_CONFIG} is beside it or above it: give CONFIG")
         return load_config(checkpoint.run_config, overrides)
-    # load_config validates a file: the stored config goes through it as one
-    stored = OmegaConf.create(checkpoint.config)
-    with tempfile.TemporaryDirectory(prefix="pipeline-config-") as tmp:
-        file = Path(tmp) / f"{stored.get('name') or 'checkpoint'}.yaml"
-        file.write_text(to_yaml(stored))
-        return load_config(file, overrides)
+    return load_config_dict(checkpoint.config, overrides, name=checkpoint.path.parent.name)
 
 
 def _shape(t: torch.Tensor) -> str:

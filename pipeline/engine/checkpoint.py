@@ -244,14 +244,14 @@ def load_module_state(path: Path) -> dict:
         if (path / INDEX).is_file():
             tag, rejected = newest_good(path, read_index(path))
             if tag is None:
-                raise ValueError(f"{path}: no whole checkpoint (" + "; ".join(
+                raise ConfigError(f"{path}: no whole checkpoint (" + "; ".join(
                     f"{t}: {problem}" for t, problem in rejected) + ")")
             tag_dir = path / tag
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise ValueError(f"{path}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+            raise ConfigError(f"{path}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
         return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     if not path.is_file():
-        raise ValueError(f"checkpoint not found: {path}")
+        raise ConfigError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     return state["model"] if isinstance(state, dict) and "model" in state else state

@@ -1,8 +1,15 @@
 """Channel methods: each module holds a method's layers, its losses or schedules, its export.
 
-``get_method(name, **opts)`` returns the method's hook object (see ``base.Method``).
+``get_method(name, **opts)`` returns the method's hook object (see ``base.Method``). A method's
+``__init__`` keyword parameters, with their type annotations, are its options (``method.opts``):
+an option it does not take, or a value of another type, is a ConfigError naming
+``method.opts.<key>`` before the method is constructed.
 """
 from __future__ import annotations
+
+import inspect
+
+from pipeline.config import ConfigError, check_options, declared_options
 
 from .base import EvalMeter, Method
 
@@ -19,15 +26,19 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def get_method(name: str | None, **opts) -> Method:
+def method_options(name: str | None) -> dict[str, inspect.Parameter]:
+    """The options (``method.opts``) of method ``name``, with their annotations."""
     _import_all()
     name = name or "baseline"
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r} (expected one of {sorted(_METHODS)})")
-    try:
-        return _METHODS[name](**opts)
-    except TypeError as err:  # an unknown keyword is a config error
-        raise ValueError(f"method.opts for {name!r}: {err}") from None
+        raise ConfigError(f"unknown method {name!r} (expected one of {sorted(_METHODS)})")
+    return declared_options(_METHODS[name])
+
+
+def get_method(name: str | None, **opts) -> Method:
+    name = name or "baseline"
+    check_options(method_options(name), opts, "method.opts", f"{name!r}")
+    return _METHODS[name](**opts)
 
 
 def _import_all() -> None:
@@ -40,4 +51,5 @@ def _import_all() -> None:
 # One line per method module; each registers its Method subclass on import.
 _METHOD_MODULES: list[str] = ["csg", "gating", "selectconv", "ce"]
 
-__all__ = ["EvalMeter", "Method", "get_method", "method_names", "register_method"]
+__all__ = ["EvalMeter", "Method", "get_method", "method_names", "method_options",
+           "register_method"]

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pipeline.config import ConfigError
+
 from . import register_method
 from .base import Method
 
@@ -53,7 +55,7 @@ from .base import Method
 def group_size_for(channels: int, d: int) -> int:
     """The reference's group size: ``d`` halved until it divides ``channels``."""
     if d < 1:
-        raise ValueError(f"CE group size must be a positive integer, got {d}")
+        raise ConfigError(f"CE group size must be a positive integer, got {d}")
     while channels % d:
         d //= 2
     return d
@@ -178,7 +180,7 @@ class ChannelEquilibrium(nn.Module):
                  trace_rescale: bool = False, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         if iterations < 0:
-            raise ValueError(f"CE iterations (T) must be a non-negative integer, got {iterations}")
+            raise ConfigError(f"CE iterations (T) must be a non-negative integer, got {iterations}")
         self.channels = channels
         self.d = group_size_for(channels, group_size)
         self.groups = channels // self.d
@@ -199,7 +201,7 @@ class ChannelEquilibrium(nn.Module):
         """``source``: see ``_ChannelMix`` (saves memory in training; the result is the same)."""
         n, c, h, w = x.shape
         if h * w < 2:
-            raise ValueError(f"CE needs at least 2 spatial positions per channel, got {h}×{w}")
+            raise ConfigError(f"CE needs at least 2 spatial positions per channel, got {h}×{w}")
         with torch.autocast(x.device.type, enabled=False):
             # fp16/bf16 activations are promoted; fp32 and fp64 stay as they are (no copy)
             z = x.to(torch.promote_types(x.dtype, torch.float32))

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from . import register_method
 from .base import Method
 
@@ -61,8 +63,8 @@ class ConvSliceGenerator(nn.Module):
         for option, value in (("slice", slice_size), ("code", code_size),
                               ("kernel_size", kernel_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CSG option {option!r} must be a positive integer, "
-                                 f"got {value!r}")
+                raise ConfigError(f"CSG option {option!r} must be a positive integer, "
+                                  f"got {value!r}")
         self.slice_size = slice_size
         self.kernel_size = kernel_size
         self.code_size = code_size

@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from scipy.special import betainc, betaln
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from . import register_method
 from .base import Method
 from .extensions import cpu_extension
@@ -469,7 +471,7 @@ class GatedChannels(Method):
                   "gate_weight_decay": (gate_weight_decay >= 0, "a number >= 0")}
         for option, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"method.opts.{option}: expected {expected}")
+                raise ConfigError(f"method.opts.{option}: expected {expected}")
         self.gamma, self.gamma_end_epoch = gamma, gamma_end_epoch
         self.lambda_max = lambda_max
         self.lambda_start_epoch, self.lambda_end_epoch = lambda_start_epoch, lambda_end_epoch

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from . import register_method
 from .base import Method
 from .extensions import cpu_extension
@@ -395,18 +397,19 @@ class SelectConv(Method):
                  active_until: float = 0.5, shift_weight_decay: float = 1e-5,
                  reset_optimizer_state: bool = False):
         if not 0 <= gamma < 1:
-            raise ValueError(f"selectconv gamma must be in [0, 1), got {gamma!r}")
+            raise ConfigError(f"method.opts.gamma: expected a number in [0, 1), got {gamma!r}")
         if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int)
                                   or n_max < 1):
-            raise ValueError(f"selectconv n_max must be a positive integer or null, got {n_max!r}")
+            raise ConfigError(f"method.opts.n_max: expected an integer >= 1 or null, got {n_max!r}")
         if not 0 <= active_until <= 1:
-            raise ValueError(f"selectconv active_until must be in [0, 1], got {active_until!r}")
+            raise ConfigError(f"method.opts.active_until: expected a number in [0, 1], "
+                              f"got {active_until!r}")
         if shift_weight_decay < 0:
-            raise ValueError(f"selectconv shift_weight_decay must be >= 0, "
-                             f"got {shift_weight_decay!r}")
+            raise ConfigError(f"method.opts.shift_weight_decay: expected a number >= 0, "
+                              f"got {shift_weight_decay!r}")
         if not isinstance(reset_optimizer_state, bool):
-            raise ValueError(f"selectconv reset_optimizer_state must be true or false, "
-                             f"got {reset_optimizer_state!r}")
+            raise ConfigError(f"method.opts.reset_optimizer_state: expected true or false, "
+                              f"got {reset_optimizer_state!r}")
         self.gamma = gamma
         self.n_max = n_max
         self.active_until = active_until

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.errors import InputError
+
 from .cifar_densenet import CIFAR_DENSENETS, DenseLayer
 from .cifar_resnet import CIFAR_RESNET_DEPTHS
 from .registry import build_model
@@ -159,14 +161,14 @@ class Imported:
 def load_released(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The file's state_dict with ``module.`` dropped, and the file itself."""
     if not path.is_file():
-        raise ValueError(f"checkpoint not found: {path}")
+        raise InputError(f"checkpoint not found: {path}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a torch checkpoint of tensors ({first})") from None
+        raise InputError(f"{path}: not a torch checkpoint of tensors ({first})") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("net"), dict):
-        raise ValueError(f"{path}: expected the authors' form {{'net': state_dict, 'acc', "
+        raise InputError(f"{path}: expected the authors' form {{'net': state_dict, 'acc', "
                          f"'epoch'}}")
     return {k.removeprefix("module."): v for k, v in saved["net"].items()}, saved
 
@@ -189,7 +191,7 @@ def collapse_generator(state: dict[str, torch.Tensor], path: Path
     for key in keys:
         if not torch.equal(state[key], generator):
             delta = (state[key].double() - generator.double()).abs().max().item()
-            raise ValueError(f"{path}: generator copy module.{key} differs from "
+            raise InputError(f"{path}: generator copy module.{key} differs from "
                              f"module.{reference} (max |Δ| {delta:.3g}): which one the blocks "
                              f"used is undefined")
     for key in keys:
@@ -209,13 +211,13 @@ def rename(state: dict[str, torch.Tensor], rules: list[Rule], model_name: str,
                 out[ours] = (key, tensor)
                 break
         else:
-            raise ValueError(f"{path}: module.{key} has no counterpart in {model_name}")
+            raise InputError(f"{path}: module.{key} has no counterpart in {model_name}")
     return out
 
 
 def _classes(state: dict[str, tuple[str, torch.Tensor]], path: Path) -> int:
     if "fc.weight" not in state:
-        raise ValueError(f"{path}: no classifier weight in the checkpoint")
+        raise InputError(f"{path}: no classifier weight in the checkpoint")
     return state["fc.weight"][1].shape[0]
 
 
@@ -224,20 +226,20 @@ def _check_fit(state: dict[str, tuple[str, torch.Tensor]], model: nn.Module, wha
     expected = model.state_dict()
     for ours, (theirs, tensor) in state.items():
         if ours not in expected:
-            raise ValueError(f"{path}: module.{theirs} has no counterpart in {what}")
+            raise InputError(f"{path}: module.{theirs} has no counterpart in {what}")
         if tensor.shape != expected[ours].shape:
-            raise ValueError(f"{path}: module.{theirs} has shape {tuple(tensor.shape)}, {what} "
+            raise InputError(f"{path}: module.{theirs} has shape {tuple(tensor.shape)}, {what} "
                              f"expects {tuple(expected[ours].shape)} ({ours})")
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{path}: no weights for {missing[0]} of {what} "
+        raise InputError(f"{path}: no weights for {missing[0]} of {what} "
                          f"({len(missing)} missing)")
 
 
 def convert(path: Path, model_name: str, opts: dict) -> Imported:
     """The released checkpoint ``path`` as our ``model_name`` (built with ``opts``)."""
     if model_name not in LAYOUTS:
-        raise ValueError(f"no mapping of the CSG authors' checkpoints to model {model_name!r} "
+        raise InputError(f"no mapping of the CSG authors' checkpoints to model {model_name!r} "
                          f"(expected one of {sorted(LAYOUTS)})")
     layout = LAYOUTS[model_name]
     raw, saved = load_released(path)
@@ -250,9 +252,9 @@ def convert(path: Path, model_name: str, opts: dict) -> Imported:
     num_classes = _classes(state, path)
     try:
         model = build_model(model_name, num_classes, method=method, **opts)
-    except ValueError as err:
+    except InputError as err:
         held = "holds a generator" if generator is not None else "holds no generator"
-        raise ValueError(f"{path} {held} (method {method}): {err}") from None
+        raise InputError(f"{path} {held} (method {method}): {err}") from None
     if method == "csg":
         opts = {"slice": model.csg.slice_size, "code": model.csg.code_size, **opts}
     what = f"{model_name} ({method}{''.join(f', {k}={v}' for k, v in opts.items())})"

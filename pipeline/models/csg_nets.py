@@ -17,6 +17,8 @@ from functools import partial
 import torchvision.models as tvm
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from ..methods.csg import ConvSliceGenerator, GeneratedConv2d, attach_generator
 from .cifar_densenet import CIFAR_DENSENETS, BnReluConv, CifarDenseNet, bn_relu_conv
 from .cifar_mobilenet import CifarMobileNetV2
@@ -37,7 +39,7 @@ REFERENCE_CSG = {
 def make_generator(arch: str, kernel_size: int, slice: int | None, code: int | None,
                    binary: bool) -> ConvSliceGenerator:
     if not isinstance(binary, bool):
-        raise ValueError(f"model option 'binary' must be true or false, got {binary!r}")
+        raise ConfigError(f"model option 'binary' must be true or false, got {binary!r}")
     default_slice, default_code = REFERENCE_CSG[arch]
     return ConvSliceGenerator(default_slice if slice is None else slice, kernel_size,
                               default_code if code is None else code)

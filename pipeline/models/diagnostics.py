@@ -19,6 +19,8 @@ import re
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 _STAGE = re.compile(r"^(layer|stage|denseblock|transition)\d+$")
 _RELUS = (nn.ReLU, nn.ReLU6)
 
@@ -36,7 +38,7 @@ class InhibitedChannels:
 
     def __init__(self, threshold: float = 1e-2):
         if threshold < 0:
-            raise ValueError(f"inhibited-channel threshold must be >= 0, got {threshold}")
+            raise ConfigError(f"inhibited-channel threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self._handles: list = []
         self._reset()

@@ -16,6 +16,8 @@ import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from ..methods.gating import GatedResidualBlock
 from . import cifar_resnet
 from .registry import register_model
@@ -52,7 +54,7 @@ def _block_type(block: type[nn.Module], **opts) -> partial:
 
 def _check_hidden(gate_hidden: int) -> None:
     if not isinstance(gate_hidden, int) or gate_hidden < 1:
-        raise ValueError(f"model.opts.gate_hidden: expected a positive integer, "
+        raise ConfigError(f"model.opts.gate_hidden: expected a positive integer, "
                          f"got {gate_hidden!r}")
 
 
@@ -77,7 +79,7 @@ def _register_bottleneck(arch: str, layers: list[int]) -> None:
     def build(num_classes: int, gate_hidden: int = 16, gate_3x3: bool = False) -> nn.Module:
         _check_hidden(gate_hidden)
         if not isinstance(gate_3x3, bool):
-            raise ValueError(f"model.opts.gate_3x3: expected true or false, got {gate_3x3!r}")
+            raise ConfigError(f"model.opts.gate_3x3: expected true or false, got {gate_3x3!r}")
         block = _block_type(GatedBottleneck, gate_hidden=gate_hidden, gate_3x3=gate_3x3)
         return tvm.ResNet(block, layers, num_classes=num_classes)
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import ConfigError
+
 IGNORE = 255
 
 
@@ -118,9 +120,9 @@ class Segmentation:
     def __init__(self, classes: list[str], aux_weight: float = 0.4, val_mode: str = "whole",
                  crop: tuple[int, int] = (512, 1024), stride: tuple[int, int] = (341, 682)):
         if val_mode not in ("whole", "slide"):
-            raise ValueError(f"segmentation.val_mode must be 'whole' or 'slide', got {val_mode!r}")
+            raise ConfigError(f"segmentation.val_mode must be 'whole' or 'slide', got {val_mode!r}")
         if val_mode == "slide" and (min(crop) <= 0 or min(stride) <= 0):
-            raise ValueError("segmentation.crop and segmentation.stride must be positive")
+            raise ConfigError("segmentation.crop and segmentation.stride must be positive")
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.aux_weight = aux_weight

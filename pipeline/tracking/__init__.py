@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError
+
 log = logging.getLogger("pipeline.tracking")
 
 SPOOL_PREFIX = "mlflow-pending-"
@@ -294,7 +296,7 @@ def sync_spool(root: str | Path) -> dict[str, int]:
 
     _limit_http_retries()
     if not Path(root).exists():
-        raise ValueError(f"mlflow-sync: {root} does not exist")
+        raise InputError(f"mlflow-sync: {root} does not exist")
     done = {"files": 0, "records": 0}
     for path in spool_files(root):
         header, records = read_spool(path)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from ...methods.csg import GeneratedConv2d
 
 STEM = ("conv1", "bn1", "relu", "maxpool")
@@ -51,7 +53,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, resnet: nn.Module, output_stride: int):
         super().__init__()
         if output_stride not in DILATED_STAGES:
-            raise ValueError(f"model.opts.output_stride: expected 8 or 16, got {output_stride!r}")
+            raise ConfigError(f"model.opts.output_stride: expected 8 or 16, got {output_stride!r}")
         for name in STEM + STAGES:
             setattr(self, name, getattr(resnet, name))
         # layer4's width is the classifier's input; layer3 is half of it in every ResNet

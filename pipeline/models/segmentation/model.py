@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from .backbone import ResNetBackbone
 from .heads import ConvFactory, aspp_head, fcn_head, psp_head, resize
 
@@ -36,13 +38,13 @@ class SegmentationModel(nn.Module):
 def check_options(output_stride, aux, dropout, channels) -> None:
     """One-line errors for the segmentation options of ``model.opts``."""
     if output_stride not in (8, 16) or isinstance(output_stride, bool):
-        raise ValueError(f"model.opts.output_stride: expected 8 or 16, got {output_stride!r}")
+        raise ConfigError(f"model.opts.output_stride: expected 8 or 16, got {output_stride!r}")
     if not isinstance(aux, bool):
-        raise ValueError(f"model.opts.aux: expected true or false, got {aux!r}")
+        raise ConfigError(f"model.opts.aux: expected true or false, got {aux!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"model.opts.dropout: expected a number in [0, 1), got {dropout!r}")
+        raise ConfigError(f"model.opts.dropout: expected a number in [0, 1), got {dropout!r}")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
-        raise ValueError(f"model.opts.channels: expected an integer >= 2, got {channels!r}")
+        raise ConfigError(f"model.opts.channels: expected an integer >= 2, got {channels!r}")
 
 
 def segmentation_model(head: str, resnet: nn.Module, num_classes: int, output_stride: int,

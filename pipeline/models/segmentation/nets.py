@@ -25,6 +25,8 @@ from functools import partial
 
 from torch import nn
 
+from pipeline.config import ConfigError
+
 from ...methods.csg import GeneratedConv2d, attach_generator
 from ..csg_nets import make_generator
 from ..registry import build_model, register_model
@@ -43,8 +45,8 @@ def _method_resnet(name: str, arch: str, method: str, opts: dict) -> nn.Module:
     """The method's classification ResNet (its classifier is dropped by the backbone)."""
     try:
         return build_model(arch, 1, method=method, **opts)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from None
 
 
 def _register(head: str, arch: str) -> None:
@@ -57,7 +59,7 @@ def _register(head: str, arch: str) -> None:
                                   dropout, _width(arch, channels))
 
     def register_variant(method: str) -> None:
-        @register_model(name, method=method)
+        @register_model(name, method=method, extends=arch)  # method_opts: its ResNet's
         def variant(num_classes: int, output_stride: int = 8, aux: bool = True,
                     dropout: float = 0.1, channels: int | None = None,
                     **method_opts) -> SegmentationModel:

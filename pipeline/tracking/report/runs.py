@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from omegaconf import OmegaConf
 
+from pipeline.errors import InputError
 from pipeline.tracking import KIND_TAG
 
 from .catalogue import dataset_name
@@ -65,9 +66,9 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--tag {item!r} is not of the form key=value")
+            raise InputError(f"--tag {item!r} is not of the form key=value")
         if "'" in value or "`" in key:
-            raise ValueError(f"--tag {item!r}: quotes are not supported in tag filters")
+            raise InputError(f"--tag {item!r}: quotes are not supported in tag filters")
         tags[key] = value
     return tags
 
@@ -79,7 +80,7 @@ def _experiments(client, name: str | None) -> dict[str, str]:
     found = client.get_experiment_by_name(name)
     if found is None:
         known = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no MLflow experiment named {name!r} at {client.tracking_uri} "
+        raise InputError(f"no MLflow experiment named {name!r} at {client.tracking_uri} "
                          f"(experiments: {known})")
     return {found.experiment_id: found.name}
 
