@@ -5,8 +5,12 @@ import pytest
 import torch
 
 from pipeline.cli.main import main
+from pipeline.config import ConfigError
 from pipeline.models import build_model
+from pipeline.models.registry import model_options
 from pipeline.models.summary import count_params
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("name, classes, params", [
@@ -29,12 +33,27 @@ def test_cifar_resnet_shapes_and_parameter_free_shortcuts():
 
 
 def test_registry_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet9'"):
         build_model("resnet9", 10)
-    with pytest.raises(ValueError, match="unknown method 'nosuch'"):
+    with pytest.raises(ConfigError, match="unknown method 'nosuch'"):
         build_model("resnet18", 10, method="nosuch")
-    with pytest.raises(ValueError, match="unknown model option 'width'"):
+    with pytest.raises(ConfigError, match=r"unknown model option 'width' .*'model.opts.width'"):
         build_model("resnet18", 10, width=2)
+    with pytest.raises(ConfigError, match=r"'model.opts.gate_hidden': expected an integer, "
+                                          r"got 2.5"):
+        build_model("resnet18", 10, method="gated", gate_hidden=2.5)
+    with pytest.raises(ConfigError, match="at least one class, got num_classes=0"):
+        build_model("resnet18", 0)
+
+
+def test_a_builders_signature_is_its_option_schema():
+    gated = model_options("resnet50", "gated")
+    assert list(gated) == ["gate_hidden", "gate_3x3"]
+    assert gated["gate_hidden"].annotation is int and gated["gate_3x3"].default is False
+    assert model_options("resnet50") == {}
+    # a segmentation variant passes its method's options on to that method's ResNet
+    assert list(model_options("pspnet_resnet50", "gated")) == [
+        "gate_hidden", "gate_3x3", "output_stride", "aux", "dropout", "channels"]
 
 
 def test_summary_json(capsys):
