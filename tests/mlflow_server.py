@@ -1,17 +1,21 @@
 """Test helpers for the operations tests: a real `mlflow server`, a TCP proxy that can cut the
 connection to it (the tracking server "going away" as training sees it), and headless Chromium.
+
+No port is picked and then hoped to be free: the server binds port 0 itself and reports the port
+it got, and the proxy keeps its own listening socket for its whole life.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 def free_port() -> int:
+    """A port free at the moment of asking: for daemons that read their port from a config
+    file and cannot report one they bound themselves (test_slurm's slurmctld / slurmd). The
+    servers here bind port 0 instead."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,41 +59,50 @@ def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
 
 
 class MlflowServer:
-    """`mlflow server` on a SQLite store with a local artifact root, on a free loopback port."""
+    """`mlflow server` on a SQLite store with a local artifact root, on a loopback port that its
+    uvicorn binds (port 0) and reports once the application has started: ``start`` returns when
+    the server answers, with no clock involved."""
+
+    LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:(\d+))")
 
     def __init__(self, root: Path):
         self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None
+        self.url: str | None = None
         self.log = root / "server.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> "MlflowServer":
+    def start(self) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1",
+        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", "0", "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts")]
         # The job runner is a second long-lived process that this store has no use for.
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, start_new_session=True,
-                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._healthy, timeout, f"mlflow server on port {self.port}")
-        except TimeoutError:
-            self.stop()
-            raise AssertionError(self.log.read_text()[-3000:]) from None
+                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = self.log.open("a")
+        for line in self.proc.stdout:  # until uvicorn says where it listens, or the server ends
+            log.write(line)
+            log.flush()
+            listening = self.LISTENING.search(line)
+            if listening:
+                break
+        else:
+            code = self.proc.wait()
+            log.close()
+            raise AssertionError(f"mlflow server exited ({code}) before listening:\n"
+                                 f"{self.log.read_text()[-3000:]}")
+        self.url, self.port = listening[1], int(listening[2])
+        threading.Thread(target=self._copy_log, args=(log,), daemon=True).start()
         return self
 
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    def _copy_log(self, log) -> None:
+        with log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -94,50 +110,47 @@ class MlflowServer:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:port to a target port; ``down()`` closes the listening socket and
-    every open connection (connections are refused, as from a server that went away) and
-    ``up()`` listens again on the same port."""
+    """Forwards a loopback port of its own to a target port. ``down()`` cuts every open
+    connection and, until ``up()``, resets every new one as soon as it is accepted: to a client
+    the server is gone. The listening socket stays bound meanwhile, so no other process can take
+    its port. ``resets`` counts the connections refused while down."""
 
     def __init__(self, target_port: int):
         self.target = target_port
-        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._listener: socket.socket | None = None
+        self.resets = 0
+        self._down = True
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def up(self) -> "TcpProxy":
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        with self._lock:
+            self._down = False
         return self
 
     def down(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            try:  # wakes the thread blocked in accept(); close() alone would not
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            listener.close()
         with self._lock:
+            self._down = True
             conns, self._conns = self._conns, []
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            _cut(conn)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self) -> None:
         while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
+            client, _ = self._listener.accept()
+            with self._lock:
+                down = self._down
+                self.resets += down
+            if down:
+                _reset(client)
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             with self._lock:
                 self._conns += [client, server]
@@ -152,11 +165,21 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _cut(src)
+            _cut(dst)
+
+
+def _cut(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with an RST (linger on, 0 s): the peer's request fails at once."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
 
 
 def ensure_chromium() -> str:
