@@ -55,8 +55,9 @@ def test_what_a_resume_may_change(tmp_path):
     accepted = plan(tmp_path, "optim.lr=0.2", "optim.momentum=0.8",
                     "checkpoint.allow_changes=[optim]")  # a section allows all its keys
     assert accepted.changes.keys() == {"optim.lr", "optim.momentum", "checkpoint.allow_changes"}
-    opts = plan(tmp_path, "model.opts.width=2", "checkpoint.allow_changes=[model.opts]")
-    assert opts.new_keys == {"model.opts.width"}  # never an MLflow param: it may be logged
+    opts = plan(tmp_path, "method.name=gated", "model.opts.gate_hidden=8",
+                "checkpoint.allow_changes=[method.name,model.opts]")
+    assert opts.new_keys == {"model.opts.gate_hidden"}  # never an MLflow param: may be logged
 
 
 @pytest.mark.unit
