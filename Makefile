@@ -9,7 +9,7 @@ CONFIG ?= configs/digits/baseline.yaml
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: venv train test data bench clean
+.PHONY: venv train test test-fast data bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ train: $(STAMP) $(DIGITS)/train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier only (tests marked unit: no training run; a few minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 bench: $(STAMP) $(DIGITS)/train
 	$(BIN)/python -m benchmarks.loader

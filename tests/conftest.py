@@ -14,12 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where torch sees none."""
     import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The tests' own tensors are small: a second thread gains nothing, and OpenMP's spinning
+    # workers stall for seconds whenever another job holds the cores (CE's float64 gradcheck:
+    # 5 s on one thread, 120 s on two beside a training job). Subprocesses keep the default.
+    torch.set_num_threads(1)
+
+
+# Every test belongs to a tier (pyproject.toml): `make test-fast` runs the unit tier.
+TIERS = ("unit", "e2e", "cluster", "ui", "cuda")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: a test without a tier is never skipped
+def pytest_collection_modifyitems(config, items):
+    """Collection fails for a test without a tier marker; tests marked ``cuda`` need a GPU:
+    skipped, with the reason, where torch sees none."""
+    import torch
+
+    untiered = [item.nodeid for item in items
+                if not any(item.get_closest_marker(tier) for tier in TIERS)]
+    if untiered:
+        raise pytest.UsageError(f"{len(untiered)} tests have no tier marker (one of {TIERS}: "
+                                f"pytestmark or @pytest.mark.<tier>): " + ", ".join(untiered))
 
     if torch.cuda.is_available():
         return

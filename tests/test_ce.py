@@ -52,6 +52,7 @@ def covariance(y: torch.Tensor) -> torch.Tensor:
     return flat @ flat.T / flat.shape[1]
 
 
+@pytest.mark.unit
 def test_matches_reference_forward_backward_and_running_statistics():
     torch.manual_seed(0)
     ce = ChannelEquilibrium(32, group_size=16).double()
@@ -77,6 +78,7 @@ def test_matches_reference_forward_backward_and_running_statistics():
                                atol=0)
 
 
+@pytest.mark.unit
 def test_more_iterations_with_trace_rescaling_whiten():
     x = correlated(8, 16, 8)
     assert covariance(x)[0, 1] > 3  # far from the identity before
@@ -88,6 +90,7 @@ def test_more_iterations_with_trace_rescaling_whiten():
                                atol=1e-3, rtol=0)
 
 
+@pytest.mark.unit
 def test_reference_t3_partially_whitens_and_amplifies():
     x = correlated(8, 16, 8)
     sigma = covariance(x) + 1e-5 * torch.eye(16, dtype=torch.float64)
@@ -103,6 +106,7 @@ def test_reference_t3_partially_whitens_and_amplifies():
     assert not torch.allclose(out, torch.eye(16, dtype=torch.float64), atol=0.1)  # … partly
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("through_bn", [False, True])
 def test_gradcheck_float64(through_bn):
     torch.manual_seed(0)
@@ -113,6 +117,7 @@ def test_gradcheck_float64(through_bn):
     assert torch.autograd.gradcheck(lambda x, *params: block(x), (x, *block.parameters()))
 
 
+@pytest.mark.unit
 def test_eval_before_training_is_finite_and_sample_independent():
     model = build_model("cifar_resnet8", 10, method="ce").eval()
     x = torch.randn(6, 3, 16, 16)
@@ -123,6 +128,7 @@ def test_eval_before_training_is_finite_and_sample_independent():
     torch.testing.assert_close(alone, out[:1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_statistics_in_fp32_under_autocast():
     model = build_model("cifar_resnet8", 10, method="ce").train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -133,6 +139,7 @@ def test_statistics_in_fp32_under_autocast():
     assert ce.theta.grad is not None and torch.isfinite(ce.theta.grad).all()
 
 
+@pytest.mark.unit
 def test_resnet50_parameter_count_and_placement():
     model = build_model("resnet50", 1000, method="ce")
     assert count_params(model)[0] == 29_331_926
@@ -142,6 +149,7 @@ def test_resnet50_parameter_count_and_placement():
     assert ces["layer3.5.bn3.ce"].d == 16 and ces["layer3.5.bn3.ce"].groups == 64
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch,count", [("mobilenet_v2", 17), ("shufflenet_v2_x1_0", 16),
                                         ("resnet18", 7), ("cifar_resnet20", 10)])
 def test_placement_counts(arch, count):
@@ -149,6 +157,7 @@ def test_placement_counts(arch, count):
     assert sum(isinstance(m, ChannelEquilibrium) for m in model.modules()) == count
 
 
+@pytest.mark.unit
 def test_structural_options_and_bad_input():
     model = build_model("cifar_resnet8", 10, method="ce", group_size=8, iterations=5,
                         trace_rescale=True)
@@ -174,6 +183,7 @@ def _train_a_little(model: nn.Module, size: int, steps: int = 3) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch,size", [("cifar_resnet8", 16), ("resnet18", 48),
                                        ("mobilenet_v2", 48), ("shufflenet_v2_x1_0", 48)])
 def test_export_matches_eval_outputs(arch, size):
@@ -187,6 +197,7 @@ def test_export_matches_eval_outputs(arch, size):
         torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_export_folds_resnet_bns_into_their_convs():
     exported = get_method("ce").export(_train_a_little(build_model("cifar_resnet8", 10,
                                                                    method="ce"), 16))
@@ -195,6 +206,7 @@ def test_export_folds_resnet_bns_into_their_convs():
     assert block.bn2.bd.groups == 1 and block.bn2.bd.weight.shape == (16, 16, 1, 1)
 
 
+@pytest.mark.unit
 def test_method_metrics_report_lambda():
     metrics = get_method("ce").metrics(build_model("cifar_resnet8", 10, method="ce"))
     assert metrics == {"lambda_mean": 0.5, "lambda_min": 0.5, "lambda_max": 0.5}
@@ -216,6 +228,7 @@ class _TwoCalls(nn.Module):
         return a + b
 
 
+@pytest.mark.unit
 def test_inhibited_channels_counts_each_call_and_stage():
     model = _TwoCalls()
     with torch.no_grad():
@@ -233,6 +246,7 @@ def test_inhibited_channels_counts_each_call_and_stage():
     assert summary["inhibited/res4x4"] == pytest.approx(5 / 8)
 
 
+@pytest.mark.unit
 def test_inhibited_channels_stages_of_resnet50_are_not_double_counted():
     model = build_model("resnet50", 10).eval()
     meter = InhibitedChannels()
@@ -247,6 +261,7 @@ def test_inhibited_channels_stages_of_resnet50_are_not_double_counted():
                                           *(f"inhibited/layer{i}" for i in range(1, 5))}
 
 
+@pytest.mark.e2e
 def test_two_rank_run_keeps_ce_buffers_identical(pipeline_cli, digits_root, tmp_path):
     """torchrun, 2 ranks, `pipeline train configs/digits/ce.yaml`: after each step the ranks'
     CE buffers differ (different batches); after the engine's sync they are identical."""

@@ -125,6 +125,7 @@ def summary_params(capsys, model, method, opts) -> int:
 LOGIT_TOL = 1e-4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("file", sorted(RELEASES))
 def test_release_converts_to_the_authors_model(file, capsys):
     model_name, opts, method, params = RELEASES[file]
@@ -148,12 +149,14 @@ def test_release_converts_to_the_authors_model(file, capsys):
     torch.testing.assert_close(exported, logits, rtol=0, atol=LOGIT_TOL)
 
 
+@pytest.mark.unit
 def test_dense_concat_order_maps_ours_onto_theirs():
     # block input x = channels 0, 1; growth 2; after 2 layers ours [x, y1, y2], theirs [y2, y1, x]
     theirs = ["y2a", "y2b", "y1a", "y1b", "x0", "x1"]
     assert [theirs[i] for i in concat_order(2, 2, 2)] == ["x0", "x1", "y1a", "y1b", "y2a", "y2b"]
 
 
+@pytest.mark.unit
 def test_plain_densenet_layout_converts_to_the_baseline(tmp_path):
     """The authors' plain DenseNet (conv2 weights, no generator) — made here from the CSG file
     by generating its kernels — converts to our baseline with the same function."""
@@ -178,6 +181,7 @@ def test_plain_densenet_layout_converts_to_the_baseline(tmp_path):
                                    atol=LOGIT_TOL)
 
 
+@pytest.mark.e2e
 def test_import_writes_a_final_pt_that_eval_runs(tmp_path, capsys, pipeline_cli, digits_root):
     out = tmp_path / "released" / "final.pt"
     assert main(["import", "csg", str(RELEASED / RESNET56_CSG), "--model", "cifar_resnet56",
@@ -213,6 +217,7 @@ def _import_error(capsys, file: Path, model: str, *opts: str, out: Path) -> str:
     return err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("file,model,opts,named", [
     (RESNET56_CSG, "cifar_resnet56", ("slice=16",),
      "module.CSG.weight has shape (1296, 72), cifar_resnet56 (csg, slice=16, code=72) expects "
@@ -234,6 +239,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(file, model, o
                                   out=tmp_path / "final.pt")
 
 
+@pytest.mark.unit
 def test_unequal_generator_copies_are_refused(capsys, tmp_path):
     saved = torch.load(RELEASED / RESNET56_CSG, map_location="cpu", weights_only=True)
     saved["net"]["module.stage_2.0.CSG.weight"] = saved["net"]["module.CSG.weight"] + 1e-3
@@ -243,6 +249,7 @@ def test_unequal_generator_copies_are_refused(capsys, tmp_path):
     assert "generator copy module.stage_2.0.CSG.weight differs from module.CSG.weight" in err
 
 
+@pytest.mark.unit
 def test_existing_files_are_not_overwritten(capsys, tmp_path):
     (tmp_path / "config.yaml").write_text("kept")
     _import_error(capsys, RELEASED / RESNET56_CSG, "cifar_resnet56", out=tmp_path / "final.pt")

@@ -24,6 +24,8 @@ from pipeline.data.digits import write_digits
 from pipeline.data.index import scan
 from pipeline.data.recipe import DRAWS, recipe_from_config, sample_draws, train_crops
 
+pytestmark = pytest.mark.unit
+
 CLASSES = ("ant", "bee", "cat")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 5
 BASE, STEP = 20, 5

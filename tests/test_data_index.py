@@ -19,6 +19,8 @@ from pipeline.config import DataConfig
 from pipeline.data import DataError, build_loaders, build_val_loader
 from pipeline.data.index import INDEX_NAME, current_listing, scan
 
+pytestmark = pytest.mark.unit
+
 CLASSES = ("ant", "bee", "cat")
 
 

@@ -89,6 +89,7 @@ def test_eval_of_exported_pt_and_of_a_deepspeed_tag_directory(final, digits_root
     assert record["top1"] == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.unit
 def test_a_checkpoint_that_fits_no_model_is_one_line(final, digits_root, pipeline_cli):
     result = pipeline_cli.run("eval", config_path("digits/gated.yaml"), str(final),
                               f"data.root={digits_root}", *TORCHVISION)
@@ -124,6 +125,7 @@ def test_eval_of_a_segmentation_model_without_config(segmentation, pipeline_cli)
     assert ious and set(ious) <= set(cityscapes_classes())   # the val split's label table
 
 
+@pytest.mark.unit
 def test_version_prints_the_version_and_commit():
     result = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

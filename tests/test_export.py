@@ -89,6 +89,7 @@ def within_tolerance(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert delta <= RELATIVE_TOLERANCE * expected.abs().max().item(), delta
 
 
+@pytest.mark.unit
 def test_final_and_exported_load_with_weights_only_and_rebuild_exactly(saved, digits_root):
     images = val_images(digits_root, 5)
     for method, final in saved.items():
@@ -105,6 +106,7 @@ def test_final_and_exported_load_with_weights_only_and_rebuild_exactly(saved, di
             within_tolerance(rebuilt(images), trained(images))
 
 
+@pytest.mark.unit
 def test_selectconv_exported_skeleton_is_the_pruned_one(saved):
     """The skeleton comes from the trained buffers: units the hook pruned are narrower."""
     trained = load_saved(saved["selectconv"]).model
@@ -145,6 +147,7 @@ def test_every_method_exports_and_matches(saved, digits_root, tmp_path, capsys, 
     within_tolerance(actual, expected)
 
 
+@pytest.mark.unit
 def test_state_dict_format_round_trips(saved, digits_root, tmp_path, capsys):
     out = tmp_path / "ce-exported.pt"
     code, record = run_cli(capsys, "export", str(saved["ce"]), f"data.root={digits_root}",
@@ -161,6 +164,7 @@ def test_state_dict_format_round_trips(saved, digits_root, tmp_path, capsys):
                            load_saved(saved["ce"].with_name("exported.pt")).model(images))
 
 
+@pytest.mark.unit
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(saved, digits_root, tmp_path,
                                                                capsys):
     out = tmp_path / "x.onnx"
@@ -175,6 +179,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(saved, digits_roo
     assert "conv1.codes has shape (1, 128), the model expects (1, 64)" in err
 
 
+@pytest.mark.unit
 def test_gated_exported_pt_has_no_onnx_form_and_says_so(saved, digits_root, tmp_path, capsys):
     """exported.pt of a gated model holds only its skipping form, which torch.export refuses
     (channels chosen per image); the masked form needs the trained weights of final.pt."""
@@ -186,6 +191,7 @@ def test_gated_exported_pt_has_no_onnx_form_and_says_so(saved, digits_root, tmp_
     assert "no form of this model exports to onnx" in err and "export the final.pt" in err
 
 
+@pytest.mark.unit
 def test_an_export_that_does_not_match_is_refused(saved, digits_root, tmp_path, capsys,
                                                   monkeypatch):
     """A form whose outputs drift (here: one conv weight nudged by 1e-2) is not written."""
@@ -271,6 +277,7 @@ def test_a_segmentation_model_exports_its_out_logits(segmentation, tmp_path, cap
     within_tolerance(actual, expected)
 
 
+@pytest.mark.unit
 def test_register_needs_onnx(saved, digits_root, tmp_path, capsys):
     code, err = run_cli(capsys, "export", str(saved["ce"]), f"data.root={digits_root}",
                         "--format", "torchscript", "--out", str(tmp_path / "x.pt"),

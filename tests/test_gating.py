@@ -17,6 +17,8 @@ from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
 from pipeline.models.registry import build_model
 from pipeline.models.summary import count_macs
 
+pytestmark = pytest.mark.unit
+
 A, B = 0.6, 0.4
 
 

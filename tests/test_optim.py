@@ -6,6 +6,8 @@ from torch import nn
 
 from pipeline.engine.optim import lr_factor, param_groups
 
+pytestmark = pytest.mark.unit
+
 
 def schedule(name, **kw):
     args = dict(epochs=10, warmup_epochs=0, warmup_start=0.0, milestones=[], step_size=3,

@@ -23,6 +23,8 @@ from pipeline.models.segmentation.model import segmentation_model
 from pipeline.models.segmentation.selective import selective_resnet_
 from pipeline.models.summary import count_macs, count_params
 
+pytestmark = pytest.mark.unit
+
 HEADS = ("deeplabv3", "pspnet")
 METHODS = ("baseline", "gated", "ce", "csg", "selectconv")
 SIZE = (64, 96)   # non-square: height ≠ width catches a swapped axis

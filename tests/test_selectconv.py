@@ -20,6 +20,8 @@ from pipeline.models.selective_nets import (cifar_preact_resnet, selective_torch
                                             selective_unit)
 from pipeline.models.summary import count_params
 
+pytestmark = pytest.mark.unit
+
 
 def tiny_densenet() -> nn.Module:
     return CifarDenseNet(10, 4, 1.0, num_classes=10, unit=selective_unit)
