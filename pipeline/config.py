@@ -115,7 +115,8 @@ class EngineConfig:
     grad_accum: int = 1
     grad_clip: float = 0.0                 # max global grad norm; 0 = off
     label_smoothing: float = 0.0
-    sync_bn: bool = False                  # nn.SyncBatchNorm (CUDA only)
+    sync_bn: Optional[bool] = False        # nn.SyncBatchNorm (CUDA only); null = with CUDA
+                                           # and more than one rank
     seed: int = 0
     eval_every: int = 1                    # epochs
     eval_every_iterations: int = 0         # >0: evaluate every this many optimizer steps

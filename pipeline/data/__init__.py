@@ -12,7 +12,7 @@ sharding (``order.py``) are identical for both backends, and so is the augmentat
 exactly the batches ``k…`` of ``train.epoch(e)``. The tree is listed through the scan index
 (``index.py``) kept in ``index_dir``. Problems with the files on disk raise ``DataError`` (a
 ValueError) with a one-line message; corrupt files follow ``data.on_corrupt``: ``skipped`` lists
-those dropped at scan time, ``skipped_at_decode`` counts those dropped while reading.
+those dropped at scan time, ``skipped_at_decode`` names those dropped while reading.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ class TrainLoader:
         return self.source.batches(self.indices(epoch, start_step), stream_seed(self.seed, epoch))
 
     @property
-    def skipped_at_decode(self) -> int:
-        """Distinct corrupt files this rank has dropped while reading (on_corrupt=skip)."""
-        return len(self.source.skips)
+    def skipped_at_decode(self) -> set[str]:
+        """The corrupt files this rank has dropped while reading (on_corrupt=skip)."""
+        return set(self.source.skips)
 
 
 class ValLoader:
@@ -83,9 +83,9 @@ class ValLoader:
         return self.source.batches(self.shard, 0)   # no randomness in validation
 
     @property
-    def skipped_at_decode(self) -> int:
-        """Distinct corrupt files this rank has dropped while reading (on_corrupt=skip)."""
-        return len(self.source.skips)
+    def skipped_at_decode(self) -> set[str]:
+        """The corrupt files this rank has dropped while reading (on_corrupt=skip)."""
+        return set(self.source.skips)
 
 
 def _source(cfg_data, split, recipe, *, train: bool, batch_size: int, device: torch.device):
@@ -119,7 +119,7 @@ def build_loaders(cfg_data, *, rank: int, world_size: int, seed: int,
         from pipeline.data.segmentation import build_segmentation_loaders
         return build_segmentation_loaders(cfg_data, rank=rank, world_size=world_size, seed=seed,
                                           device=device)
-    batch_size, val_batch_size = _checked(cfg_data, rank, world_size)
+    batch_size, val_batch_size = checked_sizes(cfg_data, rank, world_size)
     device = torch.device(device)
     recipe = recipe_from_config(cfg_data)
     layout = scan(cfg_data.root, on_corrupt=cfg_data.on_corrupt, index_dir=index_dir)
@@ -142,7 +142,7 @@ def build_val_loader(cfg_data, *, rank: int, world_size: int, device: torch.devi
         from pipeline.data.segmentation import build_eval_loader
         return build_eval_loader(cfg_data, "val", rank=rank, world_size=world_size,
                                  device=device)
-    _, val_batch_size = _checked(cfg_data, rank, world_size)
+    _, val_batch_size = checked_sizes(cfg_data, rank, world_size)
     device = torch.device(device)
     classes, split = scan_val(cfg_data.root, on_corrupt=cfg_data.on_corrupt, index_dir=index_dir)
     return ValLoader(_source(cfg_data, split, recipe_from_config(cfg_data), train=False,
@@ -150,7 +150,7 @@ def build_val_loader(cfg_data, *, rank: int, world_size: int, device: torch.devi
                      split, classes, batch_size=val_batch_size, rank=rank, world_size=world_size)
 
 
-def _checked(cfg_data, rank: int, world_size: int) -> tuple[int, int]:
+def checked_sizes(cfg_data, rank: int, world_size: int) -> tuple[int, int]:
     """(train, val) batch sizes per rank, after checking the backend, rank and sizes."""
     if cfg_data.backend not in BACKENDS:
         raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {cfg_data.backend!r}")

@@ -264,7 +264,8 @@ def current_listing(root: str, index_dir: str | Path | None = None, *, rebuild: 
         if listing is not None and is_fresh(listing, root):
             return listing, "index"
         previous = previous or listing
-    if index_dir is None:
+    if index_dir is None or not os.path.isdir(root):
+        # (a missing root fails in the listing, before anything is written for the index)
         return _list(root, previous, progress)
     target = candidates[0]
     with _exclusive(target) as writable:

@@ -275,6 +275,9 @@ class DecodeSkips:
     def __len__(self) -> int:
         return len(self.files)
 
+    def __iter__(self):
+        return iter(self.files)
+
 
 def verify_file(path: str) -> str | None:
     """Why the file is unusable (decode-time check plus a full PIL decode), or None."""

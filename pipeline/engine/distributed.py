@@ -139,6 +139,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def union_over_ranks(items: set) -> set:
+    """The union of every rank's ``items`` (small sets of picklable values, e.g. file names)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return set(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return set().union(*gathered)
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

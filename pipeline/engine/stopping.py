@@ -25,6 +25,7 @@ STOP_REASONS = ("preempted", "signal", "stop_file")  # the run's MLflow tag stop
 
 class StopRequest:
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.reason: str | None = None
         self.stop_file = os.environ.get("PIPELINE_STOP_FILE") or None
         hold = os.environ.get("PIPELINE_HOLD_AT_STEP")
@@ -33,6 +34,8 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked data worker: the run stops it once it has checkpointed
         if signum == signal.SIGINT and self.reason is not None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
@@ -63,6 +66,12 @@ class StopRequest:
             log.warning("holding at step %d until a stop request (PIPELINE_HOLD_AT_STEP)", step)
         while not self.requested():
             time.sleep(0.05)
+
+    def close(self) -> None:
+        """The default handlers again: a signal after the run is no stop request."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
 
     def consume_stop_file(self) -> None:
         """Remove the stop file once the stop it asked for is done, so that running the same

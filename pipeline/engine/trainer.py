@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from pipeline.tracking import Tracker, open_tracker, run_tags
 from . import checkpoint as ckpt
 from . import resume
 from .budget import Budget
-from .distributed import Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown
+from .distributed import (Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown,
+                          union_over_ranks)
 from .artifacts import write_final
 from .evaluate import AUTOCAST, eval_meters, evaluate, memory_format
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
@@ -86,7 +86,10 @@ def _deepspeed_config(cfg: DictConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": e.grad_clip,  # explicit: DeepSpeed's default is 1.0
-        "zero_optimization": {"stage": e.zero_stage},
+        # Without clipping ZeRO 1/2 need no gradient norm, whose overflow check reads the
+        # device back every step.
+        "zero_optimization": {"stage": e.zero_stage, **(
+            {"compute_grad_norm": False} if e.zero_stage and not e.grad_clip else {})},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
     }
@@ -191,7 +194,7 @@ class Run:
         _seed(cfg.engine.seed)  # the same on every rank: identical initial weights
         self.train_data, self.val_data = build_loaders(
             cfg.data, rank=where.rank, world_size=where.world_size, seed=cfg.engine.seed,
-            device=where.device)
+            device=where.device, index_dir=self.run_dir)
         self.task: Task = build_task(cfg, self.train_data.classes)
         num_classes = cfg.model.num_classes or self.train_data.num_classes
         if num_classes != self.train_data.num_classes:
@@ -209,15 +212,21 @@ class Run:
             raise ConfigError(f"an epoch has {len(self.train_data)} batches per rank, fewer "
                               f"than engine.grad_accum={accum}: lower data.batch_size")
         self.budget = Budget.from_config(cfg, self.micro_steps // accum)
-        if cfg.engine.sync_bn and where.device.type != "cuda":
+        cuda = where.device.type == "cuda"
+        if cfg.engine.sync_bn and not cuda:
             raise ConfigError("config key 'engine.sync_bn': SyncBatchNorm needs CUDA")
+        # null: SyncBatchNorm where it runs and matters (CUDA, more than one rank)
+        sync_bn = cfg.engine.sync_bn or (cfg.engine.sync_bn is None and cuda and
+                                          where.world_size > 1)
         # counted on the host before the model moves: once, on rank 0 (others wait in setup)
         self.macs = count_macs(model, _eval_input_size(cfg)) if self.main else 0
 
         self.dist: Dist = setup()
         self.format = memory_format(cfg, self.dist.device)
-        model = model.to(self.dist.device, memory_format=self.format)
-        if cfg.engine.sync_bn:
+        # Parameters stay contiguous (DeepSpeed's broadcast views them as bytes, which a
+        # channels_last weight refuses); channels_last inputs make cuDNN take NHWC kernels.
+        model = model.to(self.dist.device)
+        if sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.engine.compile:
             model.compile()  # in place: parameter names and checkpoints stay as they are
@@ -270,7 +279,7 @@ class Run:
         progress = Progress(self.main, budget.total_steps, self.engine.global_steps,
                             budget.epochs, budget.steps_per_epoch)
         sums: dict[str, torch.Tensor] = {}
-        tick = time.perf_counter()
+        tick, self.data_wait = time.perf_counter(), 0.0
         self.engine.train()
         try:
             while True:
@@ -278,7 +287,8 @@ class Run:
                     self._end_epoch()
                 if budget.done(self.engine.global_steps):
                     return False
-                for images, target in self.train_data.epoch(pos.epoch, pos.step_in_epoch):
+                epoch = self.train_data.epoch(pos.epoch, pos.step_in_epoch)
+                for images, target in self._timed(epoch):
                     epoch_float = pos.epoch + pos.step_in_epoch / n
                     batch, self.extras = train_step(self.engine, self.model, self.task,
                                                     self.method, images, target, epoch_float,
@@ -328,16 +338,37 @@ class Run:
             self._save()
 
     def _log_train(self, sums: dict, seconds: float, step: int, epoch_float: float) -> dict:
-        total = all_reduce_sum(sums, self.dist.device)
-        count = max(total["count"].item(), 1.0)
+        """This log interval's train metrics, from one all-reduce: loss, task statistics, the
+        method's loss terms (of the last step, averaged over ranks), and the share of the time
+        the loop waited for its data (averaged over ranks; on a GPU it includes the wait for
+        the device's queue to drain, which the next batch's hand-over forces)."""
+        extras = {f"extra/{k}": v.detach() for k, v in self.extras.items()}
+        waited = torch.tensor(self.data_wait / max(seconds, 1e-9))
+        total = all_reduce_sum({**sums, **extras, "data_wait": waited}, self.dist.device)
+        world, count = self.dist.world_size, max(total["count"].item(), 1.0)
         metrics = {"train/loss": total["loss"].item() / count,
                    "train/lr": self.engine.get_lr()[0],
                    "train/images_per_s": total["count"].item() / max(seconds, 1e-9),
+                   "train/data_wait_frac": total["data_wait"].item() / world,
                    "epoch": epoch_float}
         metrics.update({f"train/{k}": v for k, v in self.task.train_summary(total).items()})
-        metrics.update({f"train/{k}": v.item() for k, v in self.extras.items()})
+        metrics.update({f"train/{k[6:]}": total[k].item() / world for k in extras})
+        if self.dist.device.type == "cuda":
+            metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        self.data_wait = 0.0
         self.tracker.log_metrics(metrics, step)
         return metrics
+
+    def _timed(self, batches):
+        """``batches``, adding the time spent waiting for each one to ``self.data_wait``."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.data_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
     # ----------------------------------------------------------------------------- evaluate
     def _evaluate(self) -> dict[str, float]:
@@ -348,6 +379,9 @@ class Run:
         step = self.engine.global_steps
         metrics = {f"val/{k}": v for k, v in result.items()}
         metrics.update({f"method/{k}": v for k, v in self.method.metrics(self.model).items()})
+        self.skipped_at_decode = len(union_over_ranks(self.train_data.skipped_at_decode |
+                                                      self.val_data.skipped_at_decode))
+        metrics["data/skipped_at_decode"] = self.skipped_at_decode
         self.tracker.log_metrics(metrics, step)
         if self.main:
             for name, text in self.task.artifacts(result).items():
@@ -388,6 +422,8 @@ class Run:
             record["epochs"] = self.pos.epoch
         record.update(run_id=self.tracker.run_id, checkpoint=str(final.resolve()))
         record.update({k: result[k] for k in self.method.final_keys if k in result})
+        if self.cfg.data.on_corrupt == "skip":
+            record["skipped_at_decode"] = self.skipped_at_decode
         return record
 
     def _finish(self) -> dict:
@@ -459,6 +495,7 @@ class Run:
             self.tracker.close(status)
             teardown()
             self.held.close()
+            self.stop.close()
 
 
 def train(cfg: DictConfig) -> int:

@@ -18,7 +18,7 @@ its size (``predictions.py``); ``data.val_batch_size=1`` avoids the padding alto
 padded border can still change predictions near the edge through the receptive field).
 ``data.backend``: ``dali`` (``dali_pairs.py``) or ``torchvision`` (``torch_pairs.py``), the same
 windows and pixel semantics. Layouts and their checks: ``layouts.py``. ``skipped`` lists the
-files of pairs dropped at scan time, ``skipped_at_decode`` counts label files whose values fell
+files of pairs dropped at scan time, ``skipped_at_decode`` names the label files whose values fell
 outside the table and were ignored while reading (both with ``data.on_corrupt=skip``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.data import BACKENDS, TrainLoader
+from pipeline.data import TrainLoader, checked_sizes
 from pipeline.data.order import val_indices
 from pipeline.data.segmentation.augment import PairRecipe, recipe_from_config, sample_draws
 from pipeline.data.segmentation.layouts import PairSplit, SegLayout, scan_segmentation, scan_split
@@ -41,11 +41,6 @@ class SegTrainLoader(TrainLoader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.indices(epoch, start_step)
         return self.source.batches(indices, sample_draws(self.seed, epoch, indices))
-
-    @property
-    def skipped_at_decode(self) -> int:
-        """Distinct label files this rank has ignored while reading (on_corrupt=skip)."""
-        return len(self.source.skips)
 
 
 class SegValLoader:
@@ -64,9 +59,9 @@ class SegValLoader:
         return self.source.batches(self.shard)
 
     @property
-    def skipped_at_decode(self) -> int:
-        """Distinct label files this rank has ignored while reading (on_corrupt=skip)."""
-        return len(self.source.skips)
+    def skipped_at_decode(self) -> set[str]:
+        """The label files this rank has ignored while reading (on_corrupt=skip)."""
+        return set(self.source.skips)
 
     @property
     def image_files(self) -> list[str]:
@@ -88,23 +83,11 @@ def _source(cfg_data, split: PairSplit, recipe: PairRecipe, *, train: bool, batc
                            **common)
 
 
-def _checked_sizes(cfg_data, rank: int, world_size: int) -> tuple[int, int]:
-    if cfg_data.backend not in BACKENDS:
-        raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {cfg_data.backend!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    batch_size = int(cfg_data.batch_size)
-    val_batch_size = int(cfg_data.val_batch_size) or batch_size
-    if batch_size <= 0 or val_batch_size <= 0:
-        raise ValueError("data.batch_size must be > 0 and data.val_batch_size >= 0")
-    return batch_size, val_batch_size
-
-
 def build_segmentation_loaders(cfg_data, *, rank: int, world_size: int, seed: int,
                                device: torch.device | str = "cpu"
                                ) -> tuple[SegTrainLoader, SegValLoader]:
     """Scan ``data.root`` (``data.layout`` cityscapes | voc) and return this rank's loaders."""
-    batch_size, val_batch_size = _checked_sizes(cfg_data, rank, world_size)
+    batch_size, val_batch_size = checked_sizes(cfg_data, rank, world_size)
     device = torch.device(device)
     recipe = recipe_from_config(cfg_data)
     layout: SegLayout = scan_segmentation(cfg_data)
@@ -123,7 +106,7 @@ def build_eval_loader(cfg_data, split: str, *, rank: int, world_size: int,
     """Whole-image batches of any split (Cityscapes train / val / test, a VOC list name), e.g.
     to write predictions. The split needs its label files: Cityscapes' test labels exist but
     hold only the calibration classes (ego vehicle, ROI), all ignored in evaluation."""
-    _, val_batch_size = _checked_sizes(cfg_data, rank, world_size)
+    _, val_batch_size = checked_sizes(cfg_data, rank, world_size)
     device = torch.device(device)
     pairs = scan_split(cfg_data, split)
     source = _source(cfg_data, pairs, recipe_from_config(cfg_data), train=False,
