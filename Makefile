@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DIGITS := data/digits
+CITYSCAPES := data/cityscapes-synth
 CONFIG ?= configs/digits/baseline.yaml
-# One PATH for every step: DeepSpeed rebuilds its JIT extension when the ninja on PATH changes.
+# One PATH for every step (the fused kernels' JIT builds key on the compiler environment).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
@@ -23,12 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pipeline.engine.prebuild
 	touch $(STAMP)
 
+# The embedded datasets, written once: digits (classification) and synthetic Cityscapes
+# (segmentation: configs/cityscapes/synth_*.yaml). Each takes seconds.
 $(DIGITS)/train: | $(STAMP)
 	$(BIN)/pipeline data digits --out $(DIGITS)
 
-data: $(DIGITS)/train
+$(CITYSCAPES)/gtFine: | $(STAMP)
+	$(BIN)/pipeline data cityscapes-synth --out $(CITYSCAPES)
 
-train: $(STAMP) $(DIGITS)/train
+data: $(DIGITS)/train $(CITYSCAPES)/gtFine
+
+train: $(STAMP) data
 	$(BIN)/pipeline train $(CONFIG) $(ARGS)
 
 test: $(STAMP)
@@ -38,7 +44,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
-bench: $(STAMP) $(DIGITS)/train
+bench: $(STAMP) data
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.methods
 
