@@ -63,6 +63,20 @@ def epoch_runner(loader, cpu: list[float]):
     return run
 
 
+
+def time_backends(config_for, repeats: int) -> tuple[int, dict[str, float], dict[str, list]]:
+    """Epochs of the train loader of ``config_for(backend)`` for DALI and torchvision,
+    interleaved: (images per epoch, median seconds per backend, CPU seconds per epoch per
+    backend)."""
+    runners, cpu = {}, {}
+    for backend in ("dali", "torchvision"):
+        cfg = config_for(backend)
+        train, _ = build_loaders(cfg, rank=0, world_size=1, seed=0, device="cpu")
+        cpu[backend] = []
+        runners[backend] = epoch_runner(train, cpu[backend])
+        images = len(train) * cfg.batch_size
+    return images, median_seconds(runners, repeats=repeats, warmup=1), cpu
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -78,15 +92,10 @@ def main() -> None:
         scan_us = (time.perf_counter() - start) / (args.images + 2 * CLASSES) * 1e6
         emit({"benchmark": "loader.scan", "files": args.images + 2 * CLASSES,
               "us_per_file": round(scan_us, 1)})
-        runners, cpu = {}, {}
-        for backend in ("dali", "torchvision"):
-            cfg = DataConfig(root=str(root), backend=backend, recipe="imagenet", image_size=224,
-                             batch_size=args.batch_size, workers=args.workers)
-            train, _ = build_loaders(cfg, rank=0, world_size=1, seed=0, device="cpu")
-            cpu[backend] = []
-            runners[backend] = epoch_runner(train, cpu[backend])
-            images = len(train) * args.batch_size
-        seconds = median_seconds(runners, repeats=args.repeats, warmup=1)
+        images, seconds, cpu = time_backends(
+            lambda backend: DataConfig(root=str(root), backend=backend, recipe="imagenet",
+                                       image_size=224, batch_size=args.batch_size,
+                                       workers=args.workers), args.repeats)
     rates = {name: images / s for name, s in seconds.items()}
     for name, rate in rates.items():
         emit({"benchmark": "loader.epoch", "loader": name, "workers": args.workers,

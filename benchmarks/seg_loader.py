@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import emit, median_seconds
-from benchmarks.loader import epoch_runner
+from benchmarks.common import emit
+from benchmarks.loader import time_backends
 from pipeline.config import DataConfig
-from pipeline.data import build_loaders
 from pipeline.data.segmentation.scenes import render
 
 FRAME = (2048, 1024)
@@ -90,17 +89,12 @@ def main() -> None:
         megabytes = write_frames(root, args.images)
         emit({"benchmark": "seg_loader.pil_scale_crop", "frame": "2048x1024", "crop": "512x1024",
               "scale": "1-2", "cpu_ms": resize_ms(next(root.rglob("*_leftImg8bit.png")))})
-        runners, cpu = {}, {}
-        for backend in ("dali", "torchvision"):
-            cfg = DataConfig(root=str(root), layout="cityscapes", backend=backend,
-                             crop_size=[512, 1024], scale_range=[0.5, 2.0],
-                             photometric=args.photometric, batch_size=args.batch_size,
-                             workers=args.workers)
-            train, _ = build_loaders(cfg, rank=0, world_size=1, seed=0, device="cpu")
-            cpu[backend] = []
-            runners[backend] = epoch_runner(train, cpu[backend])
-            images = len(train) * args.batch_size
-        seconds = median_seconds(runners, repeats=args.repeats, warmup=1)
+        images, seconds, cpu = time_backends(
+            lambda backend: DataConfig(root=str(root), layout="cityscapes", backend=backend,
+                                       crop_size=[512, 1024], scale_range=[0.5, 2.0],
+                                       photometric=args.photometric,
+                                       batch_size=args.batch_size, workers=args.workers),
+            args.repeats)
     rates = {name: images / s for name, s in seconds.items()}
     for name, rate in rates.items():
         emit({"benchmark": "seg_loader.epoch", "loader": name, "workers": args.workers,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from pipeline.cli.evaluate import paths_and_overrides
+from pipeline.cli.options import paths_and_overrides
 from pipeline.cli.main import COMMANDS, build_parser, main
 from pipeline.config import load_config
 from pipeline.methods import method_names
@@ -98,9 +98,9 @@ def pipeline_argv(words: list[str], sweeps: dict[str, list[list[str]]]) -> list[
             name, overrides = words[i + 1], words[i + 2:]
             return [["train", *run, *overrides] for run in sweeps[name]]
     if words[:2] == ["make", "train"]:
-        extra = [w.split("=", 1)[1] for w in words[2:] if w.startswith("ARGS=")]
-        return [["train", "configs/digits/baseline.yaml", *(shlex.split(extra[0]) if extra
-                                                            else [])]]
+        given = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+        return [["train", given.get("CONFIG", "configs/digits/baseline.yaml"),
+                 *shlex.split(given.get("ARGS", ""))]]
     return []
 
 

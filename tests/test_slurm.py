@@ -128,15 +128,7 @@ def server(tmp_path_factory):
 def jobs(cluster, server, digits_root, tmp_path_factory):
     """Submit every job of this module; returns their ids, the submit dir and the env."""
     work = tmp_path_factory.mktemp("submit")
-    (work / "logs").mkdir()
-    env = dict(cluster.env, MLFLOW_TRACKING_URI=server.url, DS_ACCELERATOR="cpu",
-               PATH=f"{venv_commands(work / 'bin')}:{os.environ['PATH']}")
-    env.pop("PIPELINE_HOLD_AT_STEP", None)
-
-    def sbatch(*args: str, hold: int | None = None) -> str:
-        job_env = dict(env, PIPELINE_HOLD_AT_STEP=str(hold)) if hold else env
-        return cluster.run("sbatch", "--parsable", *args, cwd=work, env=job_env).strip()
-
+    env, sbatch = submitter(cluster, server, work)
     sweep = work / "sweep.txt"
     sweep.write_text("# every line is one run of the array\n" + "".join(
         f"{BASELINE} optim.lr={lr}\n" for lr in (0.05, 0.1, 0.2)))
@@ -150,6 +142,23 @@ def jobs(cluster, server, digits_root, tmp_path_factory):
     }
     return ids, work, env
 
+
+
+def submitter(cluster: Cluster, server: MlflowServer, work: Path, *options: str):
+    """The environment of jobs submitted from ``work`` (logs in ``work/logs``, tracking on
+    ``server``) and ``sbatch(*args, hold=None) -> job id``: a job held at optimizer step
+    ``hold`` (PIPELINE_HOLD_AT_STEP) when given."""
+    (work / "logs").mkdir()
+    env = dict(cluster.env, MLFLOW_TRACKING_URI=server.url, DS_ACCELERATOR="cpu",
+               PATH=f"{venv_commands(work / 'bin')}:{os.environ['PATH']}")
+    env.pop("PIPELINE_HOLD_AT_STEP", None)
+
+    def sbatch(*args: str, hold: int | None = None) -> str:
+        job_env = dict(env, PIPELINE_HOLD_AT_STEP=str(hold)) if hold else env
+        return cluster.run("sbatch", "--parsable", *options, *args, cwd=work,
+                           env=job_env).strip()
+
+    return env, sbatch
 
 def venv_commands(bin_dir: Path) -> Path:
     """A directory with just the venv's `python` and `torchrun`, as the jobs' PATH head. Not

@@ -26,7 +26,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_server import MlflowServer, wait_until
-from test_slurm import BASELINE, SLURM, Cluster, finals, tiny, venv_commands
+from test_slurm import BASELINE, SLURM, Cluster, finals, submitter, tiny
 
 pytestmark = pytest.mark.cluster
 
@@ -154,16 +154,7 @@ def jobs(cluster, server, digits_root, tmp_path_factory):
     """Submit every job of this module with --nodes=2; returns their ids, the submit dir and
     the env."""
     work = tmp_path_factory.mktemp("submit2")
-    (work / "logs").mkdir()
-    env = dict(cluster.env, MLFLOW_TRACKING_URI=server.url, DS_ACCELERATOR="cpu",
-               PATH=f"{venv_commands(work / 'bin')}:{os.environ['PATH']}")
-    env.pop("PIPELINE_HOLD_AT_STEP", None)
-
-    def sbatch(*args: str, hold: int | None = None) -> str:
-        job_env = dict(env, PIPELINE_HOLD_AT_STEP=str(hold)) if hold else env
-        return cluster.run("sbatch", "--parsable", "--nodes=2", *args, cwd=work,
-                           env=job_env).strip()
-
+    env, sbatch = submitter(cluster, server, work, "--nodes=2")
     train = str(SLURM / "train.sbatch")
     sweep = work / "sweep.txt"
     sweep.write_text("".join(f"{BASELINE} optim.lr={lr}\n" for lr in SWEEP_LRS))

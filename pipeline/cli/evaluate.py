@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.errors import InputError
-
-
-def paths_and_overrides(items: list[str]) -> tuple[str | None, str, list[str]]:
-    """``[CONFIG] CHECKPOINT [key=value …]`` → (CONFIG or None, CHECKPOINT, overrides)."""
-    split = next((i for i, item in enumerate(items) if "=" in item), len(items))
-    paths, overrides = items[:split], items[split:]
-    if len(paths) not in (1, 2):
-        raise InputError(f"expected [CONFIG] CHECKPOINT [key=value …], got {len(paths)} paths "
-                         f"before the overrides: {paths}")
-    return (paths[0] if len(paths) == 2 else None), paths[-1], overrides
+from .options import add_checkpoint_args, paths_and_overrides
 
 
 def run(args) -> int:
@@ -36,7 +26,6 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (the config "
                                     "saved with it unless CONFIG is given)")
-    p.add_argument("args", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value …]",
-                   help="CHECKPOINT: final.pt, exported.pt, a converted final.pt or a DeepSpeed "
-                        "checkpoint / tag directory")
+    add_checkpoint_args(p, "CHECKPOINT: final.pt, exported.pt, a converted final.pt or a "
+                           "DeepSpeed checkpoint / tag directory")
     p.set_defaults(func=run)

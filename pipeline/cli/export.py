@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import paths_and_overrides
+from .options import add_checkpoint_args, paths_and_overrides
 
 
 def run(args) -> int:
@@ -43,8 +43,8 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's inference form as TorchScript, ONNX "
                                       "or exported.pt, checked on validation images")
-    p.add_argument("args", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value …]",
-                   help="as for eval: the config saved with the checkpoint unless CONFIG is given")
+    add_checkpoint_args(p, "as for eval: the config saved with the checkpoint unless CONFIG "
+                           "is given")
     p.add_argument("--format", required=True, choices=["torchscript", "onnx", "state_dict"])
     p.add_argument("--out", required=True, help="the file to write (never overwritten)")
     p.add_argument("--images", type=int, default=8,

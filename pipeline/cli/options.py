@@ -15,3 +15,19 @@ def parse_opts(items: list[str]) -> dict:
             raise InputError(f"--opt {item!r} is not of the form key=value")
         opts[key] = OmegaConf.from_dotlist([f"v={value}"]).v
     return opts
+
+
+def paths_and_overrides(items: list[str]) -> tuple[str | None, str, list[str]]:
+    """``[CONFIG] CHECKPOINT [key=value …]`` → (CONFIG or None, CHECKPOINT, overrides)."""
+    split = next((i for i, item in enumerate(items) if "=" in item), len(items))
+    paths, overrides = items[:split], items[split:]
+    if len(paths) not in (1, 2):
+        raise InputError(f"expected [CONFIG] CHECKPOINT [key=value …], got {len(paths)} paths "
+                         f"before the overrides: {paths}")
+    return (paths[0] if len(paths) == 2 else None), paths[-1], overrides
+
+
+def add_checkpoint_args(parser, help: str) -> None:
+    """The ``[CONFIG] CHECKPOINT [key=value …]`` arguments of the commands that load a saved
+    model (eval, export, predict): ``paths_and_overrides(args.args)`` splits them."""
+    parser.add_argument("args", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value …]", help=help)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import paths_and_overrides
+from .options import add_checkpoint_args, paths_and_overrides
 
 
 def run(args) -> int:
@@ -23,9 +23,8 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="write Cityscapes predictions (label-id PNGs, the official "
                                        "evaluation's and benchmark server's format)")
-    p.add_argument("args", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value …]",
-                   help="CHECKPOINT: final.pt, exported.pt or a DeepSpeed checkpoint directory; "
-                        "without CONFIG the config saved with it")
+    add_checkpoint_args(p, "CHECKPOINT: final.pt, exported.pt or a DeepSpeed checkpoint "
+                           "directory; without CONFIG the config saved with it")
     p.add_argument("--split", default="val", help="val (default), test or train")
     p.add_argument("--out", required=True, help="the results folder (created if missing)")
     p.set_defaults(func=run)
