@@ -121,3 +121,17 @@ def test_two_torchrun_ranks_count_every_val_image_once(pipeline_cli, synth):
     assert run.data.tags["world_size"] == "2"
     assert run.data.metrics["val/samples"] == VAL_IMAGES
     assert 0.0 <= final["val_miou"] <= 1.0 and np.isfinite(final["val_pixel_acc"])
+
+
+@pytest.mark.parametrize("variant", ["deeplabv3_ce", "deeplabv3_csg", "deeplabv3_gated",
+                                     "deeplabv3_selectconv", "pspnet"])
+def test_every_synthetic_variant_trains_and_evaluates(pipeline_cli, synth, variant):
+    """Each method's quick segmentation config (and PSPNet's) trains a few steps on the
+    synthetic tree and ends with a segmentation final line (a gated run adds its MACs)."""
+    out = pipeline_cli.run("train", config_path(f"cityscapes/synth_{variant}.yaml"),
+                           *tiny(synth, 2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = pipeline_cli.final(out.stdout)
+    assert final["iterations"] == 2 and 0.0 <= final["val_miou"] <= 1.0
+    if variant.endswith("gated"):
+        assert 0 < final["dynamic_macs"] <= final["macs"]
