@@ -13,8 +13,8 @@ from torch import nn
 from benchmarks.common import emit, inference, median_seconds, train_step
 from pipeline.methods import get_method
 from pipeline.methods.extensions import cpu_extension
-from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
-                                     batch_shaping_loss, to_skipping)
+from pipeline.methods.batch_shaping import BetaCDF, batch_shaping_loss
+from pipeline.methods.gating import ChannelGate, GatedComputeMeter, to_skipping
 from pipeline.models.diagnostics import calibrate_batch_norm
 from pipeline.models.registry import build_model
 from pipeline.models.summary import count_macs

@@ -12,8 +12,8 @@ from torch import nn
 
 from pipeline.methods import get_method
 from pipeline.methods.extensions import cpu_extension
-from pipeline.methods.gating import (BetaCDF, ChannelGate, GatedComputeMeter,
-                                     batch_shaping_loss, binary_concrete, to_skipping)
+from pipeline.methods.batch_shaping import BetaCDF, batch_shaping_loss
+from pipeline.methods.gating import ChannelGate, GatedComputeMeter, binary_concrete, to_skipping
 from pipeline.models.registry import build_model
 from pipeline.models.summary import count_macs
 

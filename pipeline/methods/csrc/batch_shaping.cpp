@@ -1,4 +1,4 @@
-// Fused CPU kernel of the batch-shaping loss (gating.py, `_BatchShaping`): from each gate's
+// Fused CPU kernel of the batch-shaping loss (batch_shaping.py, `_BatchShaping`): from each gate's
 // batch of probabilities, sorted and packed by NumPy, the Cramér–von Mises sum and the
 // clipped-density weights of its gradient, written straight into the (N, G) layout of p — the
 // torch path needs a dozen full-size temporaries and a scatter for the same.
