@@ -2,7 +2,7 @@
 
     hold the run directory (runlock.py), choose and check the checkpoint to resume (resume.py)
     validate: scan the data, build the task, method and model (before DeepSpeed is imported)
-    → process group → deepspeed.initialize → resume?
+    → process group → deepspeed.initialize (deepspeed_engine.py) → resume?
     until the budget (epochs or iterations) is spent:
         train step: task loss + method losses, backward, optimizer step
         every log_every steps: train metrics (one all-reduce, read back to the host)
@@ -47,8 +47,8 @@ from .budget import Budget
 from .distributed import (Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown,
                           union_over_ranks)
 from .artifacts import write_final
+from .deepspeed_engine import apply_edits, build_engine
 from .evaluate import AUTOCAST, eval_meters, evaluate, memory_format
-from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .progress import Progress
 from .runlock import hold_run
 from .stopping import StopRequest
@@ -75,64 +75,6 @@ def _seed(seed: int) -> None:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:500]
-
-
-def _deepspeed_config(cfg: DictConfig) -> dict:
-    e = cfg.engine
-    if e.precision == "fp16" and e.zero_stage > 0:
-        raise ConfigError("engine.precision=fp16 needs engine.zero_stage=0: DeepSpeed's "
-                          "torch_autocast scales the loss only without ZeRO (use bf16)")
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": e.grad_accum,
-        "gradient_clipping": e.grad_clip,  # explicit: DeepSpeed's default is 1.0
-        # Without clipping ZeRO 1/2 need no gradient norm, whose overflow check reads the
-        # device back every step.
-        "zero_optimization": {"stage": e.zero_stage, **(
-            {"compute_grad_norm": False} if e.zero_stage and not e.grad_clip else {})},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**62,
-    }
-    if AUTOCAST[e.precision] is not None:
-        config["torch_autocast"] = {"enabled": True,
-                                    "dtype": str(AUTOCAST[e.precision]).split(".")[-1]}
-    return config
-
-
-def _build_engine(cfg: DictConfig, model: torch.nn.Module, method: Method, budget: Budget,
-                  world_size: int):
-    import deepspeed
-
-    o, s = cfg.optim, cfg.schedule
-    global_batch = cfg.data.batch_size * world_size * cfg.engine.grad_accum
-    lr = o.lr * global_batch / o.reference_batch if o.reference_batch else o.lr
-    groups = param_groups(model, o.weight_decay, o.no_decay_norm_bias,
-                          method.param_groups(model), dict(o.lr_mult))
-    optimizer = build_optimizer(groups, o.name, lr, o.momentum, o.nesterov, list(o.betas))
-    factor = lr_factor(s.name, budget.schedule_epochs, s.warmup_epochs, s.warmup_start,
-                       list(s.milestones), s.step_size, s.gamma, s.power, s.min_lr / lr)
-    scheduler = build_scheduler(optimizer, factor, budget.steps_per_epoch)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler,
-                                           config=_deepspeed_config(cfg))
-    return engine
-
-
-def _apply_edits(engine, method: Method, edits: dict) -> None:
-    """After a method edited parameters in place: refresh ZeRO's fp32 master copies and,
-    if the method asks, zero the optimizer state of the edited entries."""
-    if not edits:
-        return
-    if engine.zero_optimization():
-        engine.optimizer.refresh_fp32_params()
-    if method.reset_optimizer_state:
-        if engine.zero_optimization():
-            raise ConfigError("method option reset_optimizer_state needs engine.zero_stage=0 "
-                              "(ZeRO keeps optimizer state in flat partitions)")
-        for param, mask in edits.items():
-            for value in engine.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value[mask] = 0
 
 
 def _eval_input_size(cfg: DictConfig) -> int | tuple[int, int]:
@@ -230,7 +172,7 @@ class Run:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.engine.compile:
             model.compile()  # in place: parameter names and checkpoints stay as they are
-        self.engine = _build_engine(cfg, model, self.method, self.budget, self.dist.world_size)
+        self.engine = build_engine(cfg, model, self.method, self.budget, self.dist.world_size)
         self.model = self.engine.module
         _seed(cfg.engine.seed + 7919 * (self.dist.rank + 1))  # per-rank streams from here on
         self.pos = self._resume()
@@ -332,7 +274,7 @@ class Run:
             self._evaluate()
         edits = self.method.on_epoch_end(self.model, pos.epoch, self.budget.epochs,
                                          self.cfg.engine.seed)
-        _apply_edits(self.engine, self.method, edits)
+        apply_edits(self.engine, self.method, edits)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
         if self.budget.save_after_epoch:
             self._save()
