@@ -292,9 +292,9 @@ def test_step_and_evaluation_read_nothing_back(name, monkeypatch):
     optimizer step included. A device branch takes its CPU side here: selective convolution's
     copy backward sums repeated sources with ``unique`` on the CPU only, so its copies are
     checked by the fake-CUDA test (forward) and tests/test_cuda.py (on a GPU)."""
-    from pipeline.methods import batch_shaping, selectconv
+    from pipeline.methods import batch_shaping, channel_copy
 
-    for module in (batch_shaping, selectconv):
+    for module in (batch_shaping, channel_copy):
         monkeypatch.setattr(module, "cpu_extension", lambda name: None)
     torch.manual_seed(0)
     case = case_of(name, copies=False)

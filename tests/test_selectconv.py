@@ -11,9 +11,9 @@ from torch import nn
 
 from pipeline.methods import get_method
 from pipeline.methods.extensions import cpu_extension
-from pipeline.methods.selectconv import (CopySlots, FusedCopySlots, SelectConv, SelectiveConv2d,
-                                         copy_slots, effective_params, epoch_generator,
-                                         selective_units)
+from pipeline.methods.channel_copy import CopySlots, FusedCopySlots, copy_slots
+from pipeline.methods.selectconv import (SelectConv, SelectiveConv2d, effective_params,
+                                         epoch_generator, selective_units)
 from pipeline.models.cifar_densenet import CifarDenseNet
 from pipeline.models.registry import build_model
 from pipeline.models.selective_nets import (cifar_preact_resnet, selective_torchvision_densenet,

@@ -1,6 +1,6 @@
 // Fused CPU kernels of selective convolution's copy: channels `dst` of x replaced by channels
 // `src` translated by per-channel offsets, and its backward. They compute exactly what
-// `CopySlots` (selectconv.py) computes with grid_sample (bilinear, border padding,
+// `CopySlots` (channel_copy.py) computes with grid_sample (bilinear, border padding,
 // align_corners=True), in one pass over memory: a translation by a constant offset is
 // separable, so each plane is interpolated between two rows and then along the row, through
 // per-channel coordinate tables instead of grid_sample's per-pixel grid.
@@ -46,7 +46,7 @@ struct Shift {
   Axis<scalar_t, T> x, y;  // columns (offset[:, 0]) and rows (offset[:, 1])
 };
 
-// The grid values of every copy along one axis as selectconv.shift_grid builds them:
+// The grid values of every copy along one axis as channel_copy.shift_grid builds them:
 // linspace(−1, 1, L) + offset[:, axis] in the offset's dtype, then rounded to x's.
 at::Tensor axis_grid(const at::Tensor& offset, int64_t axis, int64_t length,
                      at::ScalarType dtype) {
