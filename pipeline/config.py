@@ -70,6 +70,9 @@ class ModelConfig:
     name: str = "cifar_resnet20"
     num_classes: int = 0                   # 0 = number of class folders in data.root/train
     opts: dict[str, Any] = field(default_factory=dict)   # structural options of build_model
+    # segmentation: the backbone's starting weights, a classification final.pt of the same
+    # method or a torchvision ResNet state_dict (.pth); null = random initialisation
+    backbone_init: Optional[str] = None
 
 
 @dataclass
@@ -267,6 +270,9 @@ def _check_model_and_method(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': {err}") from None
     check_model_options(cfg.model.name, cfg.method.name, cfg.model.opts)
     get_method(cfg.method.name, **cfg.method.opts)
+    if cfg.model.backbone_init and cfg.task != "segmentation":
+        raise ConfigError("config key 'model.backbone_init': a segmentation backbone's starting "
+                          "weights (task: segmentation), not of a classifier")
 
 
 def _validated(node: DictConfig, overrides: Sequence[str], name: str) -> DictConfig:

@@ -12,7 +12,9 @@ from torch.nn.modules.utils import _pair
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import Bottleneck
 
+from conftest import REPO
 from pipeline.cli.main import main
+from pipeline.config import ConfigError, load_config
 from pipeline.methods import get_method
 from pipeline.methods.csg import ConvSliceGenerator, generated_convs
 from pipeline.methods.selectconv import selective_units
@@ -208,6 +210,47 @@ def test_backbone_keys_are_the_classification_resnets(method):
     backbone = {k.removeprefix("backbone."): v.shape for k, v in model.items()
                 if k.startswith("backbone.")}
     assert backbone == {k: v.shape for k, v in resnet.items() if not k.startswith("fc.")}
+
+
+def test_backbone_starts_from_a_classification_network(tmp_path):
+    """model.backbone_init: torchvision's ResNet weights (a plain state_dict) or a final.pt of
+    the same method load into backbone.*, the classifier left out; a network of another
+    method or architecture is refused in one line naming the problem."""
+    from pipeline.engine.artifacts import init_backbone
+
+    resnet = build_model("resnet18", 10)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("deeplabv3_resnet18", CLASSES)
+    assert init_backbone(model, tmp_path / "resnet18.pth", "baseline") == \
+        len(resnet.state_dict()) - 2
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, resnet.state_dict()[key]), key
+
+    gated = build_model("resnet18", 10, method="gated")
+    final = {"model": gated.state_dict(), "config": {"method": {"name": "gated"}}}
+    torch.save(final, tmp_path / "final.pt")
+    model = build_model("deeplabv3_resnet18", CLASSES, method="gated")
+    init_backbone(model, tmp_path / "final.pt", "gated")
+    assert torch.equal(model.backbone.layer2[0].conv1.weight, gated.layer2[0].conv1.weight)
+    with pytest.raises(ConfigError, match="was trained with method 'gated', this run uses 'ce'"):
+        init_backbone(build_model("deeplabv3_resnet18", CLASSES, method="ce"),
+                      tmp_path / "final.pt", "ce")
+
+    torch.save(build_model("resnet50", 10).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(ConfigError, match=r"resnet50.pth does not fit this backbone: "
+                                          r"layer1.0.conv1.weight has shape \(64, 64, 1, 1\)"):
+        init_backbone(build_model("deeplabv3_resnet18", CLASSES), tmp_path / "resnet50.pth",
+                      "baseline")
+    with pytest.raises(ConfigError, match="no such file"):
+        init_backbone(model, tmp_path / "nope.pt", "gated")
+
+
+def test_backbone_init_is_for_segmentation_only():
+    with pytest.raises(ConfigError, match="'model.backbone_init': a segmentation backbone's"):
+        load_config(REPO / "configs/digits/baseline.yaml", ["model.backbone_init=x.pth"])
+    cfg = load_config(REPO / "configs/cityscapes/synth_deeplabv3.yaml",
+                      ["model.backbone_init=x.pth"])
+    assert cfg.model.backbone_init == "x.pth"
 
 
 def test_deeplab_csg_holds_two_generators_one_copy_each():

@@ -154,6 +154,32 @@ def load_fitting(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     module.load_state_dict(state, strict=keys is None)
 
 
+
+def init_backbone(model: nn.Module, path: str | Path, method: str) -> int:
+    """Start a segmentation model's backbone from a classification network (``model.
+    backbone_init``): a final.pt of a run with the same method, or a plain state_dict such as
+    torchvision's ResNet weights; its classifier ``fc.*`` is left out and every other tensor
+    must fit. Returns the number of tensors loaded."""
+    source = f"config key 'model.backbone_init': {path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: no such file (expected a final.pt or a .pth state_dict)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip errors of many kinds
+        raise ConfigError(f"{source}: not a final.pt or state_dict ("
+                          f"{str(err).splitlines()[0][:200]})") from None
+    if isinstance(saved, dict) and isinstance(saved.get("config"), dict):  # our final.pt
+        trained = saved["config"].get("method", {}).get("name", "baseline")
+        if trained != method:
+            raise ConfigError(f"{source} was trained with method {trained!r}, this run uses "
+                              f"{method!r}")
+        saved = saved.get("model")
+    if not (isinstance(saved, dict) and all(torch.is_tensor(v) for v in saved.values())):
+        raise ConfigError(f"{source}: expected a final.pt or a state_dict of tensors")
+    weights = {k: v for k, v in saved.items() if not k.startswith("fc.")}
+    load_fitting(model.backbone, weights, source, "this backbone")
+    return len(weights)
+
 def _described(cfg: DictConfig) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in cfg.model.opts.items())
     return f"{cfg.model.name} (method {cfg.method.name}{', ' + opts if opts else ''})"

@@ -46,7 +46,7 @@ from . import resume
 from .budget import Budget
 from .distributed import (Dist, all_reduce_sum, any_rank, average_buffers, place, setup, teardown,
                           union_over_ranks)
-from .artifacts import write_final
+from .artifacts import init_backbone, write_final
 from .deepspeed_engine import apply_edits, build_engine
 from .evaluate import AUTOCAST, eval_meters, evaluate, memory_format
 from .progress import Progress
@@ -145,6 +145,9 @@ class Run:
         self.num_classes = num_classes
         self.method = get_method(cfg.method.name, **cfg.method.opts)
         model = self._build_model()
+        if cfg.model.backbone_init:  # a resume then loads its checkpoint over these weights
+            loaded = init_backbone(model, cfg.model.backbone_init, cfg.method.name)
+            log.info("backbone: %d tensors from %s", loaded, cfg.model.backbone_init)
         accum = cfg.engine.grad_accum
         micro = len(self.train_data)
         if cfg.engine.max_steps_per_epoch:

@@ -15,7 +15,8 @@ mmsegmentation's ResNet.
 Differences from mmsegmentation's ResNet-V1c backbone of its DeepLabV3 / PSPNet configs: the
 stem is torchvision's 7×7 conv (V1c: three 3×3 convs), and the first block of a dilated stage
 keeps the previous dilation (mmseg: the stage's). Keeping torchvision's layout and attribute
-names means a classification checkpoint of the same method variant loads into ``backbone.*``.
+names means a classification checkpoint of the same method variant loads into ``backbone.*``
+(``model.backbone_init``: ``pipeline.engine.artifacts.init_backbone``).
 """
 from __future__ import annotations
 
