@@ -226,8 +226,8 @@ def test_register_logs_a_servable_onnx_model(saved, digits_root, tmp_path, capsy
                            "--out", str(tmp_path / "csg.onnx"), "--register", "digits-csg")
     assert code == 0, record
     assert record["registered"] == "digits-csg" and record["model_uri"] == "models:/digits-csg/1"
-    mlflow.set_tracking_uri(uri)
-    run = mlflow.get_run(record["run_id"])
+    run = mlflow.get_run(record["run_id"])  # the store of MLFLOW_TRACKING_URI (no global set:
+    # a tracking URI set in-process would outlive this test)
     assert run.data.tags["pipeline.kind"] == "export" and run.data.tags["method"] == "csg"
     model = mlflow.pyfunc.load_model(record["model_uri"])
     signature = model.metadata.signature.to_dict()

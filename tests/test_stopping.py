@@ -74,7 +74,9 @@ def test_a_failure_during_training_ends_failed_with_the_error(pipeline_cli, digi
     # the checkpoint folder (not written before the epoch ends) turns out to be a file
     (pipeline_cli.cwd / "runs" / RUN / "checkpoints").write_text("")
     run.request_stop()
-    assert run.wait() == 2, run.stderr()[-3000:]
+    # not bad input but a failure of the run (as a full disk would be): exit 1, the traceback
+    assert run.wait() == 1, run.stderr()[-3000:]
+    assert "Traceback" in run.stderr() and "FileExistsError" in run.stderr()
     [mlflow_run] = mlflow_runs(pipeline_cli.cwd)
     assert mlflow_run.info.status == "FAILED"
     assert f"runs/{RUN}/checkpoints" in mlflow_run.data.tags["error"]

@@ -102,7 +102,11 @@ def _open_locked(path: Path) -> int:
 @contextmanager
 def _hold(path: Path) -> Iterator[None]:
     created = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where the user's path needs a folder
+        raise ConfigError(f"{path.parent}: a file stands where this folder must be (check "
+                          "output_dir, name and checkpoint.dir)") from None
     fd = _open_locked(path)
     try:
         stale = _read_holder(fd)
