@@ -204,6 +204,11 @@ def newest_good(ckpt_dir: Path, tags: list[str]) -> tuple[str | None, list[tuple
     return None, rejected
 
 
+def describe_damage(rejected: list[tuple[str, str]]) -> str:
+    """``newest_good``'s rejected tags as one line: ``tag (problem); …``."""
+    return "; ".join(f"{tag} ({problem})" for tag, problem in rejected)
+
+
 def manifest(tag_dir: Path) -> dict:
     """Rank 0's manifest of a verified tag: ``world_size``, ``files``, ``state``."""
     return _manifest(tag_dir, 0)
@@ -244,8 +249,7 @@ def load_module_state(path: Path) -> dict:
         if (path / INDEX).is_file():
             tag, rejected = newest_good(path, read_index(path))
             if tag is None:
-                raise ConfigError(f"{path}: no whole checkpoint (" + "; ".join(
-                    f"{t}: {problem}" for t, problem in rejected) + ")")
+                raise ConfigError(f"{path}: no whole checkpoint: {describe_damage(rejected)}")
             tag_dir = path / tag
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:

@@ -99,9 +99,8 @@ def _choose(directory: Path, tags: list[str], explicit: bool, main: bool) -> tup
     for bad, problem in rejected if main else ():
         log.warning("checkpoint %s is damaged (%s): skipped", directory / bad, problem)
     if tag is None:
-        raise ConfigError(f"no whole checkpoint in {directory}: " + "; ".join(
-            f"{bad} ({problem})" for bad, problem in rejected) +
-            ": start a new run with another name=")
+        raise ConfigError(f"no whole checkpoint in {directory}: "
+                          f"{ckpt.describe_damage(rejected)}: start a new run with another name=")
     return tag, rejected
 
 
@@ -149,7 +148,7 @@ def record(point: ResumePoint, tracker: Tracker, run_dir: Path, step: int) -> No
     changed something), logged as an artifact with the current ``config.yaml``."""
     tags = {}
     if point.rejected:
-        tags["damaged_checkpoints"] = "; ".join(f"{t} ({p})" for t, p in point.rejected)
+        tags["damaged_checkpoints"] = ckpt.describe_damage(point.rejected)
     if point.fork:
         tags["resumed_from"] = str(point.path.resolve())
     if point.changes:

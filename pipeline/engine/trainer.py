@@ -287,7 +287,7 @@ class Run:
         method's loss terms (of the last step, averaged over ranks), and the share of the time
         the loop waited for its data (averaged over ranks; on a GPU it includes the wait for
         the device's queue to drain, which the next batch's hand-over forces)."""
-        extras = {f"extra/{k}": v.detach() for k, v in self.extras.items()}
+        extras = {f"extra/{k}": v.detach() for k, v in self.extras.items()}  # apart from sums
         waited = torch.tensor(self.data_wait / max(seconds, 1e-9))
         total = all_reduce_sum({**sums, **extras, "data_wait": waited}, self.dist.device)
         world, count = self.dist.world_size, max(total["count"].item(), 1.0)
@@ -297,7 +297,7 @@ class Run:
                    "train/data_wait_frac": total["data_wait"].item() / world,
                    "epoch": epoch_float}
         metrics.update({f"train/{k}": v for k, v in self.task.train_summary(total).items()})
-        metrics.update({f"train/{k[6:]}": total[k].item() / world for k in extras})
+        metrics.update({f"train/{k}": total[f"extra/{k}"].item() / world for k in self.extras})
         if self.dist.device.type == "cuda":
             metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         self.data_wait = 0.0
